@@ -1,0 +1,54 @@
+# fac: the two commands of the README, and the set-up they share.
+#   make reproduce   set up, then run the whole DAG on params/default.yaml (the embedded tiny world)
+#   make test        set up, then run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fac-installed
+PROFILE ?= workflow/profiles/default
+ARGS ?=
+export HF_HUB_OFFLINE := 1
+export WANDB_MODE := offline
+export PYTHONUNBUFFERED := 1
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: setup system reproduce data test lint clean-results
+
+setup: system $(STAMP)
+
+# System tools: espeak-ng (speech synthesis), sox, g++ (DeepSpeed's first start compiles a small op).
+system:
+	@missing=""; for t in espeak-ng sox g++; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system tools:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng sox g++; \
+	fi
+
+# The virtual environment, rebuilt when the pins change. torch/torchaudio first: DeepSpeed's setup
+# imports torch, and DS_BUILD_OPS=0 installs it without CUDA.
+$(STAMP): requirements.txt pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (fac needs Python 3.11; set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.11.0 torchaudio==2.11.0
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+# Restore the DVC-versioned source data (data/) when a fresh clone lacks it.
+data/world/lexicon.yaml: data.dvc | $(STAMP)
+	$(BIN)/dvc pull -q data.dvc || $(BIN)/dvc checkout data.dvc
+
+reproduce: setup data/world/lexicon.yaml
+	$(BIN)/snakemake --profile $(PROFILE) $(ARGS)
+
+data: setup data/world/lexicon.yaml
+	$(BIN)/snakemake --profile $(PROFILE) data $(ARGS)
+
+test: setup data/world/lexicon.yaml
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: setup
+	$(BIN)/snakemake --lint

@@ -1,0 +1,6 @@
+"""`python -m fac` is the `fac` command."""
+import sys
+
+from fac.cli import main
+
+sys.exit(main())

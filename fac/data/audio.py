@@ -1,0 +1,80 @@
+"""Audio files of the data pipeline: read, validate and write 16 kHz mono wavs.
+Every other module goes through here, so a bad file fails once, early, and names itself."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional
+
+SAMPLE_RATE = 16000
+# Below this peak a clip holds no speech (16-bit PCM rounds it to a few LSBs at most).
+SILENCE_PEAK = 1e-4
+
+
+class AudioError(ValueError):
+    """An audio file that is missing, unreadable, empty or silent; the message starts with its path."""
+
+
+def read_wav(path) -> np.ndarray:
+    """Return the file's samples as float32 mono at 16 kHz (downmixed and resampled if needed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: no such audio file; expected a wav file at this path")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path}: is an empty file (0 bytes); expected a wav file holding speech")
+    try:
+        samples, sample_rate = sf.read(path, dtype="float32", always_2d=True)
+    except (sf.SoundFileError, RuntimeError) as error:
+        raise AudioError(f"{path}: not a readable audio file ({error}); expected a wav, flac or ogg file") from error
+    if samples.shape[0] == 0:
+        raise AudioError(f"{path}: holds 0 samples; expected a clip of speech")
+    mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+    if sample_rate != SAMPLE_RATE:
+        mono = torchaudio.functional.resample(torch.from_numpy(mono), sample_rate, SAMPLE_RATE).numpy()
+    peak = float(np.max(np.abs(mono)))
+    if peak < SILENCE_PEAK:
+        raise AudioError(f"{path}: is silent (peak {peak:.2e} < {SILENCE_PEAK:.0e}); expected a clip of speech")
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def write_wav(path, samples, sample_rate: int = SAMPLE_RATE) -> None:
+    """Write mono samples in [-1, 1] as 16-bit PCM, atomically, creating parent folders."""
+    path = Path(path)
+    samples = np.asarray(samples, dtype=np.float32)
+    if samples.ndim != 1:
+        raise ValueError(f"{path}: samples have shape {samples.shape}; expected a 1-D mono array")
+    if not np.all(np.isfinite(samples)):
+        raise ValueError(f"{path}: samples contain NaN or infinity; expected finite values in [-1, 1]")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # A temporary file in the same folder, renamed into place: a killed job leaves either
+        # the old file or the new one, never half a wav that a later resume would trust.
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise OSError(f"{folder}: cannot write {path.name} in this folder ({error}); expected a writable folder") from error
+    os.close(handle)
+    try:
+        # libsndfile wraps values outside [-1, 1] around instead of clipping them.
+        sf.write(temporary, np.clip(samples, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def duration_seconds(path) -> float:
+    """Length of an audio file in seconds, read from its header."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: no such audio file; expected a wav file at this path")
+    try:
+        return float(sf.info(path).duration)
+    except (sf.SoundFileError, RuntimeError) as error:
+        raise AudioError(f"{path}: not a readable audio file ({error}); expected a wav, flac or ogg file") from error

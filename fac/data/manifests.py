@@ -1,0 +1,125 @@
+"""Conversation manifests in the official SFT recipe's format (LLaMA-Factory "sharegpt" style).
+
+A record: `system` (mode prompt), `messages` (role/content, audio as a placeholder), `audio` (one
+JSON-encoded entry per placeholder: path, text, token, ref_path, ref_text) and `meta` (fac's own
+bookkeeping: task, split, fact, voice...). Audio paths are relative to the experiment's data folder.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fac.data.text_tokenizer import SYSTEM_PROMPTS
+
+AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+SPEECH_DELAY = 10  # assistant speech starts after 10 speech-bos tokens (2 LLM steps at 5 Hz)
+FRAME_RATE = 25
+
+
+def speech_token_string(codes: list[int]) -> str:
+    return "".join(f"[AU{c:04d}]" for c in codes)
+
+
+def parse_speech_tokens(token: str) -> list[int]:
+    """Inverse of the assistant token string: drops the delay tokens, returns the codes."""
+    body = token.replace("<|audio_bos|>", "")
+    return [int(chunk[2:]) for chunk in body.replace("]", "").split("[") if chunk]
+
+
+def user_audio(path: str, duration: float) -> dict:
+    return {"path": path, "text": "", "token": "<|audio_pad|>" * int(FRAME_RATE * duration),
+            "ref_path": "", "ref_text": ""}
+
+
+def assistant_audio(text: str, codes: list[int], ref_path: str = "") -> dict:
+    return {"path": "", "text": text, "token": "<|audio_bos|>" * SPEECH_DELAY + speech_token_string(codes),
+            "ref_path": ref_path, "ref_text": text if ref_path else ""}
+
+
+def conversation(mode: str, user: dict, assistant: dict | str, meta: dict, user_text: str = "") -> dict:
+    """One spoken turn and its answer: spoken (text + speech tokens) or text-only (a plain string)."""
+    messages = [{"role": "user", "content": AUDIO_PLACEHOLDER + user_text}]
+    audio = [json.dumps(user)]
+    if isinstance(assistant, dict):
+        messages.append({"role": "assistant", "content": AUDIO_PLACEHOLDER})
+        audio.append(json.dumps(assistant))
+    else:
+        messages.append({"role": "assistant", "content": assistant})
+    return {"system": SYSTEM_PROMPTS[mode], "messages": messages, "audio": audio, "meta": meta}
+
+
+def build_manifests(utterances: list[dict], tokens: dict[str, list[int]], tasks: list[str]) -> dict[str, list[dict]]:
+    """Manifests by name from the kept utterances (clean and noisy) and their speech tokens.
+
+    - spoken_qa_{split}: spoken question -> answer text + the assistant's spoken answer;
+    - asr_{split}: speech -> its transcript, text and speech (pre-alignment's speech-text pairs);
+    - paraling_{split}: an emotional clip -> the fitting reply (empathy), meta holds the emotion.
+    Noisy copies form spoken_qa_{split}_noisy (train) and spoken_qa_{split}_snr{N} (test splits).
+    """
+    answers = {u["text"]: u for u in utterances if u["kind"] == "answer"}
+    out: dict[str, list[dict]] = {}
+
+    def add(name: str, record: dict) -> None:
+        out.setdefault(name, []).append(record)
+
+    def answer_audio(text: str) -> dict:
+        clip = answers[text]
+        return assistant_audio(text, tokens[clip["id"]], clip["path"])
+
+    for u in utterances:
+        meta = {"id": u["id"], "split": u["split"], "voice": u["voice"], "kind": u["kind"]}
+        user = user_audio(u["path"], u["duration"])
+        noisy = u.get("noise")
+        suffix = "" if not noisy else ("_noisy" if u["split"] == "train" else f"_snr{noisy['snr_db']:g}")
+        if noisy:
+            meta["noise"] = noisy
+        if u["kind"] == "question" and "spoken_qa" in tasks:
+            meta.update(task="spoken_qa", fact=u["fact"], qa=u["qa"], answer=u["answer"])
+            add(f"spoken_qa_{u['split']}{suffix}", conversation("s2m", user, answer_audio(u["answer"]), meta))
+        if u["kind"] in ("question", "statement") and not noisy and "asr" in tasks:
+            asr_meta = dict(meta, task="asr", transcript=u["text"])
+            add(f"asr_{u['split']}", conversation("s2m", user, assistant_audio(u["text"], tokens[u["id"]]), asr_meta))
+        if u["kind"] == "paraling" and not noisy and "paraling" in tasks:
+            meta.update(task="empathy", emotion=u["emotion"], reply=u["reply"])
+            add(f"paraling_{u['split']}", conversation("s2m", user, answer_audio(u["reply"]), meta))
+    return out
+
+
+def write_manifests(manifests: dict[str, list[dict]], out_dir: str | Path, expected: list[str]) -> dict[str, int]:
+    """Write each manifest as JSONL; every expected name must be non-empty (an empty one is an error)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    empty = [name for name in expected if not manifests.get(name)]
+    if empty:
+        raise ValueError(f"{out}: these manifests would be empty: {', '.join(empty)} "
+                         "(too few utterances kept by the ASR filter, or a task/split missing in params)")
+    counts = {}
+    for name, records in sorted(manifests.items()):
+        path = out / f"{name}.jsonl"
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(path)
+        counts[name] = len(records)
+    return counts
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Read a manifest; a missing, empty or malformed file is an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: manifest not found")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: not valid JSON: {err}") from err
+        for key in ("system", "messages", "audio"):
+            if key not in record:
+                raise ValueError(f"{path}:{n}: record has no '{key}' field")
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path}: manifest is empty")
+    return records

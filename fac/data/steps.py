@@ -1,0 +1,278 @@
+"""The data half of the DAG, one function per Snakemake rule (called through `fac data <step>`).
+
+Every step reads its inputs, writes its declared outputs atomically at the end, and logs what it did;
+audio paths in every JSONL are relative to the experiment's data folder (`results/{exp}/data`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import statistics
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from fac.data import world as world_mod
+from fac.data.plan import plan_utterances
+
+log = logging.getLogger("fac.data")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not valid JSON: {err}") from err
+    if not rows:
+        raise ValueError(f"{path}: is empty (the step that writes it produced nothing)")
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def write_json(obj, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def build_world(params: dict, source: str, out_dir: str) -> dict:
+    src = world_mod.load_source(source)
+    world = world_mod.build_world(src, params["n_entities"], params["test_fraction"], params["seed"])
+    stats = world_mod.write_world(world, src, out_dir)
+    log.info("world: %s", stats)
+    return stats
+
+
+def build_text_tokenizer(params: dict, world_dir: str, out_dir: str) -> dict:
+    from fac.data.text_tokenizer import special_ids, tokens_per_word, train_tokenizer
+
+    sentences = (Path(world_dir) / "sentences.txt").read_text().split("\n")
+    sentences = [s for s in sentences if s.strip()]
+    tok = train_tokenizer(sentences, params["vocab_size"], out_dir)
+    words = (Path(world_dir) / "vocabulary.txt").read_text().split()
+    stats = {"vocab_size": len(tok), "tokens_per_word": tokens_per_word(tok, words), "special_ids": special_ids(tok)}
+    write_json(stats, Path(out_dir) / "stats.json")
+    log.info("text tokenizer: %s", stats)
+    return stats
+
+
+def synthesize(params: dict, world_dir: str, source: str, data_root: str, out_jsonl: str) -> dict:
+    from fac.data.tts import check_voices, synthesize_all
+
+    tts, paraling = params["tts"], params["paraling"]
+    check_voices(tts["train_voices"] + tts["test_voices"] + [tts["assistant_voice"]])
+    overlap = set(tts["train_voices"]) & set(tts["test_voices"])
+    if overlap:
+        raise ValueError(f"tts.test_voices must be held out of training, but {sorted(overlap)} are also in "
+                         "tts.train_voices")
+    world = world_mod.World.load(Path(world_dir) / "world.json")
+    jobs = plan_utterances(world, world_mod.load_source(source), tts, paraling, params["seed"])
+    wav_dir = Path(data_root) / "tts" / "wavs"
+    done = synthesize_all(jobs, wav_dir, workers=tts["workers"], desc="tts")
+    for job in done:
+        job["path"] = f"tts/wavs/{job['id']}.wav"
+    write_jsonl(done, out_jsonl)
+    stats = {"utterances": len(done), "hours": sum(j["duration"] for j in done) / 3600,
+             "by_kind": dict(Counter(j["kind"] for j in done)), "by_split": dict(Counter(j["split"] for j in done))}
+    log.info("tts: %s", stats)
+    return stats
+
+
+def build_asr_lm(params: dict, world_dir: str, out_dir: str) -> None:
+    from fac.data.asr import write_arpa, write_dictionary
+
+    sentences = [s for s in (Path(world_dir) / "sentences.txt").read_text().split("\n") if s.strip()]
+    words = (Path(world_dir) / "vocabulary.txt").read_text().split()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_dictionary(words, out / "words.dict")
+    write_arpa(sentences, out / "lm.arpa", order=params["lm_order"])
+    log.info("asr lm: %d sentences, %d words, order %d", len(sentences), len(words), params["lm_order"])
+
+
+def asr_filter(params: dict, utterances: str, lm_dir: str, data_root: str, out_jsonl: str, report: str) -> dict:
+    from fac.data.asr import Recognizer, filter_utterances, wer_statistics
+
+    rows = read_jsonl(utterances)
+    recognizer = Recognizer(Path(lm_dir) / "lm.arpa", Path(lm_dir) / "words.dict")
+    scored, stats = filter_utterances(rows, data_root, recognizer, params["max_wer"], desc="asr filter",
+                                      workers=params["workers"])
+    # The paper filters the synthesised training speech; test sets are scored but kept whole, so
+    # that held-out voices the ASR finds hard are still measured.
+    for u in scored:
+        if u["split"] not in params["filter_splits"] and u["kind"] != "answer":
+            u["kept"] = True
+    stats.update({k: v for k, v in wer_statistics(scored, params["max_wer"]).items() if k in ("kept", "dropped")})
+    stats["filter_splits"] = params["filter_splits"]
+    by_kind = {}
+    for kind in sorted({u["kind"] for u in scored}):
+        group = [u for u in scored if u["kind"] == kind]
+        by_kind[kind] = {"total": len(group), "kept": sum(u["kept"] for u in group),
+                         "wer_mean": statistics.fmean(u["wer"] for u in group)}
+    stats["by_kind"] = by_kind
+    by_voice = {}
+    for voice in sorted({u["voice"] for u in scored}):
+        group = [u for u in scored if u["voice"] == voice]
+        by_voice[voice] = {"total": len(group), "kept": sum(u["kept"] for u in group),
+                           "wer_mean": statistics.fmean(u["wer"] for u in group)}
+    stats["by_voice"] = by_voice
+    kept = [u for u in scored if u["kept"]]
+    # The assistant's answer clips are the speech targets: a dropped one would silently remove tasks.
+    lost = [u["text"] for u in scored if u["kind"] == "answer" and not u["kept"]]
+    if lost:
+        log.warning("asr filter dropped assistant answer clips %s; they are kept (targets, not inputs)", lost)
+        kept += [u for u in scored if u["kind"] == "answer" and not u["kept"]]
+    stats["answer_clips_kept_anyway"] = len(lost)
+    write_jsonl(kept, out_jsonl)
+    write_json(stats, report)
+    log.info("asr filter on splits %s: kept %d of %d (max_wer %.2f); WER mean %.3f median %.3f p90 %.3f max %.3f",
+             params["filter_splits"], stats["kept"], stats["total"], params["max_wer"], stats["wer_mean"], stats["wer_median"],
+             stats["wer_p90"], stats["wer_max"])
+    for kind, s in by_kind.items():
+        log.info("  %-10s kept %4d / %4d  mean WER %.3f", kind, s["kept"], s["total"], s["wer_mean"])
+    for voice, s in by_voice.items():
+        log.info("  %-22s kept %4d / %4d  mean WER %.3f", voice, s["kept"], s["total"], s["wer_mean"])
+    return stats
+
+
+def make_noisy(params: dict, filtered: str, data_root: str, out_jsonl: str) -> dict:
+    """Noisy copies of the kept questions: one random SNR for train, every SNR for the test splits."""
+    from fac.data.audio import read_wav, write_wav
+    from fac.data.augment import add_noise
+    from tqdm import tqdm
+
+    rows = [u for u in read_jsonl(filtered) if u["kind"] == "question" and u["split"] in params["splits"]]
+    rng = np.random.default_rng(params["seed"])
+    pick = random.Random(params["seed"])
+    babble_pool = [u for u in read_jsonl(filtered) if u["kind"] == "statement"] or rows
+    babble = [read_wav(Path(data_root) / u["path"]) for u in pick.sample(babble_pool, min(20, len(babble_pool)))]
+    out_dir = Path(data_root) / "noisy" / "wavs"
+    noisy = []
+    for u in tqdm(rows, desc="noisy copies", mininterval=2):
+        snrs = [pick.choice(params["snr_db"])] if u["split"] == "train" else params["snr_db"]
+        clean = read_wav(Path(data_root) / u["path"])
+        for snr in snrs:
+            kind = pick.choice(params["kinds"])
+            copy = dict(u, id=f"{u['id']}-n{snr:g}{kind[0]}", noise={"snr_db": snr, "kind": kind, "source": u["id"]})
+            copy["path"] = f"noisy/wavs/{copy['id']}.wav"
+            write_wav(Path(data_root) / copy["path"], add_noise(clean, snr, rng, kind, babble_sources=babble))
+            noisy.append(copy)
+    write_jsonl(noisy, out_jsonl)
+    stats = {"copies": len(noisy), "by_split": dict(Counter(u["split"] for u in noisy)),
+             "by_snr": {str(k): v for k, v in Counter(u["noise"]["snr_db"] for u in noisy).items()}}
+    log.info("noisy: %s", stats)
+    return stats
+
+
+def train_speech_tokenizer(params: dict, filtered: str, data_root: str, out_dir: str) -> dict:
+    from fac.data.audio import read_wav
+    from fac.data.speech_tokenizer import SpeechTokenizer, frame_features
+
+    rows = [u for u in read_jsonl(filtered) if u["split"] in ("train", "assistant")]
+    feats = [frame_features(read_wav(Path(data_root) / u["path"]), n_mels=params["n_mels"]) for u in rows]
+    tok = SpeechTokenizer.train(feats, params["codebook_size"], params["seed"], max_frames=params["max_frames"],
+                                n_mels=params["n_mels"])
+    tok.save(out_dir)
+    stats = {"utterances": len(rows), "frames": int(sum(len(f) for f in feats)), "codebook_size": params["codebook_size"]}
+    log.info("speech tokenizer: %s", stats)
+    return stats
+
+
+def speech_tokens(tokenizer_dir: str, inputs: list[str], data_root: str, out_jsonl: str, out_stats: str) -> dict:
+    from fac.data.audio import read_wav
+    from fac.data.speech_tokenizer import SpeechTokenizer, usage_stats
+    from tqdm import tqdm
+
+    tok = SpeechTokenizer.load(tokenizer_dir)
+    rows = [u for path in inputs for u in read_jsonl(path)]
+    out = []
+    for u in tqdm(rows, desc="speech tokens", mininterval=2):
+        out.append({"id": u["id"], "codes": tok.encode(read_wav(Path(data_root) / u["path"]))})
+    write_jsonl(out, out_jsonl)
+    stats = usage_stats([r["codes"] for r in out], codebook_size=tok.codebook_size)
+    write_json(stats, out_stats)
+    log.info("speech tokens: %d utterances, %s", len(out), stats)
+    return stats
+
+
+def make_manifests(params: dict, inputs: list[str], tokens: str, out_dir: str) -> dict:
+    from fac.data.manifests import build_manifests, write_manifests
+
+    rows = [u for path in inputs for u in read_jsonl(path)]
+    codes = {r["id"]: r["codes"] for r in read_jsonl(tokens)}
+    missing = [u["id"] for u in rows if u["id"] not in codes]
+    if missing:
+        raise ValueError(f"{tokens}: no speech tokens for {len(missing)} utterances, e.g. {missing[:3]}")
+    manifests = build_manifests(rows, codes, params["tasks"])
+    counts = write_manifests(manifests, out_dir, params["expected"])
+    write_json(counts, Path(out_dir) / "counts.json")
+    log.info("manifests: %s", counts)
+    return counts
+
+
+def data_report(tts_jsonl: str, filtered: str, asr_report: str, noisy: str, tokens_stats: str,
+                manifest_counts: str, tokenizer_stats: str, out_md: str, out_json: str, out_png: str) -> dict:
+    """A small report of the data half: utterances, hours, voices, WER filter, manifests."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    all_rows, kept = read_jsonl(tts_jsonl), read_jsonl(filtered)
+    asr = json.loads(Path(asr_report).read_text())
+    noisy_rows = read_jsonl(noisy)
+    counts = json.loads(Path(manifest_counts).read_text())
+    text_tok = json.loads(Path(tokenizer_stats).read_text())
+    report = {
+        "synthesised": {"utterances": len(all_rows), "hours": round(sum(u["duration"] for u in all_rows) / 3600, 4),
+                        "voices": sorted({u["voice"] for u in all_rows})},
+        "asr_filter": {k: asr.get(k, 0) for k in ("total", "kept", "dropped", "wer_mean", "wer_median", "wer_p90",
+                                                 "wer_max", "answer_clips_kept_anyway")},
+        "kept": {"utterances": len(kept), "hours": round(sum(u["duration"] for u in kept) / 3600, 4),
+                 "by_split": dict(Counter(u["split"] for u in kept)), "by_kind": dict(Counter(u["kind"] for u in kept))},
+        "noisy": {"utterances": len(noisy_rows), "hours": round(sum(u["duration"] for u in noisy_rows) / 3600, 4)},
+        "manifests": counts,
+        "text_tokenizer": {"vocab_size": text_tok["vocab_size"], "tokens_per_word": text_tok["tokens_per_word"]},
+        "speech_tokens": json.loads(Path(tokens_stats).read_text()),
+    }
+    write_json(report, out_json)
+    wers = [u["wer"] for u in kept]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.hist(wers, bins=20)
+    ax.set_xlabel("WER of kept utterances (pocketsphinx, world LM)")
+    ax.set_ylabel("utterances")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    lines = ["# Data report", "",
+             f"- synthesised: {report['synthesised']['utterances']} utterances, "
+             f"{report['synthesised']['hours'] * 60:.1f} minutes, {len(report['synthesised']['voices'])} voices",
+             f"- ASR filter: kept {asr['kept']} / {asr['total']} (dropped {asr['dropped']}); WER mean "
+             f"{asr['wer_mean']:.3f}, median {asr['wer_median']:.3f}, p90 {asr['wer_p90']:.3f}, max {asr['wer_max']:.3f}"
+             + (f"; {asr['answer_clips_kept_anyway']} assistant answer clips above the threshold kept as targets"
+                if asr.get("answer_clips_kept_anyway") else ""),
+             f"- noisy copies: {len(noisy_rows)}",
+             f"- text tokenizer: {text_tok['vocab_size']} tokens, {text_tok['tokens_per_word']:.2f} tokens/word",
+             "", "| manifest | records |", "|---|---|"]
+    lines += [f"| {name} | {n} |" for name, n in sorted(counts.items())]
+    lines += ["", "| voice | kept | total | mean WER |", "|---|---|---|---|"]
+    lines += [f"| {v} | {s['kept']} | {s['total']} | {s['wer_mean']:.3f} |" for v, s in asr["by_voice"].items()]
+    lines += ["", f"![WER histogram]({Path(out_png).name})", ""]
+    Path(out_md).write_text("\n".join(lines))
+    return report

@@ -1,0 +1,93 @@
+"""Experiment parameters: load YAML files (a base plus overlays) and validate them against the schema.
+
+Errors name the file and the dotted key, so a misspelt key or a wrong value stops a run before any job.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "params.schema.yaml"
+
+
+class ParamsError(ValueError):
+    """A params file is unreadable or does not match the schema."""
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def merge(base: dict, overlay: dict) -> dict:
+    """Deep merge, as Snakemake merges several --configfile files: mappings merge, other values replace."""
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of parameters at the top level")
+    return data
+
+
+def _key(error: jsonschema.ValidationError) -> str:
+    parts = [str(p) for p in error.absolute_path]
+    if error.validator == "additionalProperties":
+        # The offending key is in the message, not the path: name it exactly.
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        parts.append(",".join(extra))
+    elif error.validator == "required":
+        parts.append(error.message.split("'")[1])
+    return ".".join(parts) or "(top level)"
+
+
+def validate(config: dict, origin: str = "params") -> dict:
+    """Check `config` against the schema and a few cross-key rules; raise ParamsError naming the key."""
+    validator = jsonschema.Draft202012Validator(load_schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for err in errors:
+            if err.validator == "additionalProperties":
+                msg = f"unknown key (misspelt?); allowed: {', '.join(sorted(err.schema.get('properties', {})))}"
+            elif err.validator == "required":
+                msg = "required key is missing"
+            else:
+                msg = err.message
+            lines.append(f"{origin}: {_key(err)}: {msg}")
+        raise ParamsError("invalid parameters:\n  " + "\n  ".join(lines))
+    tts = config["tts"]
+    for name in ("rate", "pitch"):
+        low, high = tts[name]
+        if low > high:
+            raise ParamsError(f"{origin}: tts.{name}: range [{low}, {high}] has min > max")
+    overlap = sorted(set(tts["train_voices"]) & set(tts["test_voices"]))
+    if overlap:
+        raise ParamsError(f"{origin}: tts.test_voices must be held out of training, but {overlap} "
+                          "are also in tts.train_voices")
+    return config
+
+
+def load(paths: list[str | Path]) -> dict:
+    """Load and merge params files in order (base first, overlays after), then validate."""
+    if not paths:
+        raise ParamsError("no params file given")
+    config: dict = {}
+    for path in paths:
+        config = merge(config, read_yaml(path))
+    return validate(config, origin=" + ".join(str(p) for p in paths))

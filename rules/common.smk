@@ -1,0 +1,101 @@
+# Helpers shared by all rules: params validation, experiment paths, and how rules call `fac`.
+import json
+import os
+import shlex
+
+from snakemake.exceptions import WorkflowError
+
+from fac.params import ParamsError, validate
+
+# Validate before any job runs: a misspelt key or a wrong value stops here, naming the key.
+try:
+    validate(config, origin="config")
+except ParamsError as err:
+    raise WorkflowError(str(err))
+
+EXP = config["experiment"]
+RESULTS = f"results/{EXP}"
+
+
+def check_before_running():
+    """Errors that would otherwise surface mid-run, after Snakemake already deleted outputs to redo."""
+    if config["tts"]["engine"] == "espeak-ng":
+        from fac.data.tts import check_voices
+
+        try:
+            check_voices(config["tts"]["train_voices"] + config["tts"]["test_voices"] + [config["tts"]["assistant_voice"]])
+        except (ValueError, RuntimeError) as err:
+            raise WorkflowError(f"params tts: {err}")
+    existing = RESULTS
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    existing = existing or "."
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise WorkflowError(f"{RESULTS}: cannot write outputs here ({existing} is not a writable folder)")
+
+
+check_before_running()
+DATA = f"{RESULTS}/data"
+LOGS = f"{RESULTS}/logs"
+BENCH = f"{RESULTS}/benchmarks"
+# Rules call the package through its `fac` entry point (the Makefile puts .venv/bin first on PATH).
+ENV = "../environment.yml"
+
+
+def as_json(section):
+    """A params slice as one shell word: Snakemake compares it to decide reruns."""
+    return shlex.quote(json.dumps(section, sort_keys=True))
+
+
+def folder_of(key):
+    """A params function: the folder holding output `key` (derived from the output, not hard-coded)."""
+
+    def folder(wildcards, output):
+        return os.path.dirname(output[key])
+
+    return folder
+
+
+def input_folder_of(key):
+    """A params function: the folder holding input `key`."""
+
+    def folder(wildcards, input):
+        return os.path.dirname(input[key])
+
+    return folder
+
+
+def data_root(wildcards, output):
+    """The experiment's data folder: every audio path in the JSONL indexes is relative to it."""
+    return DATA
+
+
+def manifest_names():
+    """The manifests the data half must produce, from the tasks, splits and noise settings."""
+    names = []
+    tasks = config["manifests"]["tasks"]
+    splits = ["train", "test", "test_unseen_voices"]
+    if "spoken_qa" in tasks:
+        names += [f"spoken_qa_{s}" for s in splits]
+        for split in config["noise"]["splits"]:
+            if split == "train":
+                names.append("spoken_qa_train_noisy")
+            else:
+                names += [f"spoken_qa_{split}_snr{snr:g}" for snr in config["noise"]["snr_db"]]
+    if "asr" in tasks:
+        names += [f"asr_{s}" for s in splits]
+    if "paraling" in tasks:
+        names += [f"paraling_{s}" for s in splits]
+    return names
+
+
+def manifest_files():
+    return [f"{DATA}/manifests/{name}.jsonl" for name in manifest_names()]
+
+
+def data_targets():
+    return manifest_files() + [
+        f"{DATA}/report.md",
+        f"{DATA}/tokenizer/tokenizer.json",
+        f"{DATA}/speech_tokenizer",
+    ]

@@ -1,0 +1,106 @@
+"""fac.data.tts: espeak-ng voices are validated, clips are 16 kHz wavs, batches resume without redoing work."""
+
+import pytest
+import soundfile as sf
+
+from fac.data import audio, tts
+
+ACCENTS = {"en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029", "en-us-nyc"}
+
+
+def job(name, text="the red cat", voice="en-us", **extra):
+    return dict(id=name, text=text, voice=voice, rate=160, pitch=50, amplitude=100, **extra)
+
+
+def test_available_voices_are_the_eight_accents_alone_and_with_every_variant():
+    voices = tts.available_voices()
+    assert {v for v in voices if "+" not in v} == ACCENTS
+    variants = {v.split("+")[1] for v in voices if "+" in v}
+    assert {"f1", "f5", "m1", "m7"} <= variants
+    assert len(voices) == len(ACCENTS) * (1 + len(variants))
+
+
+def test_available_voices_leave_out_mbrola_voices():
+    assert "en-uk" not in tts.available_voices()  # listed by espeak-ng, needs the mbrola program
+
+
+def test_check_voices_names_each_unknown_voice():
+    with pytest.raises(ValueError, match=r"\['en-xx', 'en-us\+zz'\].*en-us\+f3"):
+        tts.check_voices(["en-us", "en-xx", "en-us+zz"])
+
+
+def test_check_voices_accepts_known_voices():
+    tts.check_voices(["en-us", "en-gb-scotland+m3", "en-029+f1"])
+
+
+def test_synthesize_writes_a_16_khz_wav_of_the_returned_duration(tmp_path):
+    seconds = tts.synthesize("the red cat sat on the mat", "en-gb+f3", 160, 50, 100, tmp_path / "a.wav")
+    info = sf.info(tmp_path / "a.wav")
+    assert info.samplerate == audio.SAMPLE_RATE and info.channels == 1
+    assert info.duration == pytest.approx(seconds)
+    assert 1.0 < seconds < 3.0
+
+
+def test_synthesize_faster_rate_gives_a_shorter_clip(tmp_path):
+    slow = tts.synthesize("the red cat sat on the mat", "en-us", 100, 50, 100, tmp_path / "slow.wav")
+    fast = tts.synthesize("the red cat sat on the mat", "en-us", 300, 50, 100, tmp_path / "fast.wav")
+    assert fast < 0.6 * slow
+
+
+def test_synthesize_rejects_an_unknown_voice_that_espeak_would_replace_silently(tmp_path):
+    with pytest.raises(ValueError, match="en-xx"):
+        tts.synthesize("hello", "en-xx", 160, 50, 100, tmp_path / "a.wav")
+    assert not (tmp_path / "a.wav").exists()
+
+
+def test_synthesize_rejects_pitch_outside_espeak_range(tmp_path):
+    with pytest.raises(ValueError, match=r"pitch 120 .* expected 0 to 99"):
+        tts.synthesize("hello", "en-us", 160, 120, 100, tmp_path / "a.wav")
+
+
+def test_synthesize_reads_text_starting_with_a_dash_as_text(tmp_path):
+    assert tts.synthesize("-w red cat", "en-us", 160, 50, 100, tmp_path / "a.wav") > 0.5
+
+
+def test_synthesize_all_returns_jobs_in_order_with_path_and_duration(tmp_path):
+    jobs = [job("b2", text="a blue dog ran to the park", speaker="s1"), job("a1"), job("c3", voice="en-gb+m3")]
+    done = tts.synthesize_all(jobs, tmp_path / "wavs", workers=2)
+    assert [d["id"] for d in done] == ["b2", "a1", "c3"]
+    assert [d["path"] for d in done] == ["b2.wav", "a1.wav", "c3.wav"]
+    assert done[0]["speaker"] == "s1"
+    for d in done:
+        assert d["duration"] == pytest.approx(audio.duration_seconds(tmp_path / "wavs" / d["path"]))
+    assert done[0]["duration"] > done[1]["duration"]  # the longer text
+
+
+def test_synthesize_all_keeps_finished_wavs_and_redoes_broken_ones(tmp_path):
+    jobs = [job("a"), job("b")]
+    tts.synthesize_all(jobs, tmp_path)
+    kept = (tmp_path / "a.wav").stat().st_mtime_ns
+    (tmp_path / "b.wav").write_bytes(b"RIFF cut off by a kill")
+    done = tts.synthesize_all(jobs, tmp_path)
+    assert (tmp_path / "a.wav").stat().st_mtime_ns == kept
+    assert len(audio.read_wav(tmp_path / "b.wav")) / audio.SAMPLE_RATE == pytest.approx(done[1]["duration"])
+
+
+def test_synthesize_all_rejects_duplicate_ids(tmp_path):
+    with pytest.raises(ValueError, match="'a' appears twice"):
+        tts.synthesize_all([job("a"), job("a")], tmp_path)
+
+
+def test_synthesize_all_rejects_an_id_that_is_a_path(tmp_path):
+    with pytest.raises(ValueError, match=r"'\.\./a'"):
+        tts.synthesize_all([job("../a")], tmp_path)
+
+
+def test_synthesize_all_rejects_a_job_without_text(tmp_path):
+    incomplete = job("a")
+    del incomplete["text"]
+    with pytest.raises(ValueError, match=r"tts job 0 \('a'\) lacks \['text'\]"):
+        tts.synthesize_all([incomplete], tmp_path)
+
+
+def test_synthesize_all_checks_every_voice_before_synthesising(tmp_path):
+    with pytest.raises(ValueError, match="en-zz"):
+        tts.synthesize_all([job("a"), job("b", voice="en-zz")], tmp_path)
+    assert not (tmp_path / "a.wav").exists()

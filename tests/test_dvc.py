@@ -1,0 +1,49 @@
+"""DVC versions the data directory: a clone restores it, and it round-trips through a local-folder remote."""
+import filecmp
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from workflow_helpers import BIN, ROOT, env
+
+
+def dvc(*args, cwd):
+    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, capture_output=True, text=True, env=env())
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_data_dvc_tracks_the_data_directory():
+    spec = yaml.safe_load((ROOT / "data.dvc").read_text())
+    assert [out["path"] for out in spec["outs"]] == ["data"]
+    assert spec["outs"][0]["md5"].endswith(".dir")
+    assert "/data" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+@pytest.fixture()
+def clone(tmp_path):
+    """A fresh clone of the committed repository: data/ is not in git, only its .dvc pointer."""
+    target = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(target)], check=True, capture_output=True)
+    assert not (target / "data").exists()
+    return target
+
+
+def test_fresh_clone_pulls_the_data_and_it_matches(clone):
+    dvc("pull", "-q", cwd=clone)
+    assert filecmp.cmp(clone / "data/world/lexicon.yaml", ROOT / "data/world/lexicon.yaml", shallow=False)
+    assert "up to date" in dvc("status", "data.dvc", cwd=clone)
+
+
+def test_push_to_and_pull_from_a_local_folder_remote(clone, tmp_path):
+    dvc("pull", "-q", cwd=clone)
+    remote = tmp_path / "remote"
+    dvc("remote", "add", "backup", str(remote), cwd=clone)
+    dvc("push", "-r", "backup", cwd=clone)
+    assert any(p.is_file() for p in remote.rglob("*"))
+    shutil.rmtree(clone / "data")
+    shutil.rmtree(clone / ".dvc/cache")
+    dvc("pull", "-r", "backup", cwd=clone)
+    assert filecmp.cmp(clone / "data/world/lexicon.yaml", ROOT / "data/world/lexicon.yaml", shallow=False)

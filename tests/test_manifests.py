@@ -1,0 +1,64 @@
+"""Conversation manifests: the official SFT recipe's record layout, built from utterances and tokens."""
+import json
+
+import pytest
+
+from fac.data.manifests import (AUDIO_PLACEHOLDER, build_manifests, parse_speech_tokens, read_manifest,
+                                write_manifests)
+
+
+def _utterances():
+    return [
+        {"id": "q1", "kind": "question", "split": "train", "voice": "en-us+m1", "text": "where does golden river live",
+         "path": "tts/wavs/q1.wav", "duration": 1.5, "fact": "e000-city", "qa": "e000-city-q0", "answer": "paris"},
+        {"id": "s1", "kind": "statement", "split": "train", "voice": "en-us+m1", "text": "golden river lives in paris",
+         "path": "tts/wavs/s1.wav", "duration": 1.3, "fact": "e000-city"},
+        {"id": "a-paris", "kind": "answer", "split": "assistant", "voice": "en-us+f2", "text": "paris",
+         "path": "tts/wavs/a.wav", "duration": 0.5},
+        {"id": "q1-n10w", "kind": "question", "split": "test", "voice": "en-us+m1", "text": "where does golden river live",
+         "path": "noisy/wavs/q1-n10w.wav", "duration": 1.5, "fact": "e000-city", "qa": "e000-city-q0",
+         "answer": "paris", "noise": {"snr_db": 10, "kind": "white", "source": "q1"}},
+    ]
+
+
+TOKENS = {"q1": [1, 2, 3], "s1": [4, 5], "a-paris": [7, 8, 9, 10], "q1-n10w": [1, 2, 2]}
+
+
+def test_spoken_qa_record_has_the_official_layout():
+    manifests = build_manifests(_utterances(), TOKENS, ["spoken_qa", "asr"])
+    record = manifests["spoken_qa_train"][0]
+    assert record["system"] == "You are asked to generate both text and speech tokens at the same time."
+    assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
+    assert record["messages"][0]["content"] == AUDIO_PLACEHOLDER
+    user, assistant = (json.loads(a) for a in record["audio"])
+    assert user["path"] == "tts/wavs/q1.wav" and user["text"] == ""
+    assert user["token"] == "<|audio_pad|>" * 37  # int(25 * 1.5)
+    assert assistant["text"] == "paris" and assistant["path"] == ""
+    assert assistant["token"].startswith("<|audio_bos|>" * 10 + "[AU0007]")
+    assert parse_speech_tokens(assistant["token"]) == [7, 8, 9, 10]
+    assert record["meta"]["answer"] == "paris" and record["meta"]["fact"] == "e000-city"
+
+
+def test_noisy_test_copies_form_per_snr_manifests_and_asr_pairs_use_clean_audio():
+    manifests = build_manifests(_utterances(), TOKENS, ["spoken_qa", "asr"])
+    assert set(manifests) == {"spoken_qa_train", "spoken_qa_test_snr10", "asr_train"}
+    assert [r["meta"]["id"] for r in manifests["asr_train"]] == ["q1", "s1"]
+    asr = json.loads(manifests["asr_train"][1]["audio"][1])
+    assert asr["text"] == "golden river lives in paris" and parse_speech_tokens(asr["token"]) == [4, 5]
+
+
+def test_an_expected_manifest_that_would_be_empty_is_an_error(tmp_path):
+    manifests = build_manifests(_utterances(), TOKENS, ["spoken_qa"])
+    with pytest.raises(ValueError, match="spoken_qa_test_unseen_voices"):
+        write_manifests(manifests, tmp_path, ["spoken_qa_train", "spoken_qa_test_unseen_voices"])
+    assert not list(tmp_path.glob("*.jsonl"))  # nothing half-written
+
+
+def test_read_manifest_names_file_and_line_of_bad_json(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"system": "", "messages": [], "audio": []}\n{oops\n')
+    with pytest.raises(ValueError, match=f"{path}:2: not valid JSON"):
+        read_manifest(path)
+    path.write_text("")
+    with pytest.raises(ValueError, match="manifest is empty"):
+        read_manifest(path)

@@ -1,0 +1,77 @@
+"""Parameter files: both shipped files validate, and bad ones stop with a message naming the key."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fac.params import ParamsError, load, merge, validate
+
+
+def test_default_and_paper_params_validate(root):
+    assert load([root / "params/default.yaml"])["experiment"] == "default"
+    paper = load([root / "params/paper.yaml"])
+    assert paper["stage1"]["lr"] == 1e-4 and paper["stage1"]["min_lr"] == 1e-5
+    assert paper["stage2"]["lr"] == 1e-5 and paper["stage2"]["min_lr"] == 1e-6
+    assert paper["merge"]["alpha"] == 0.5 and paper["dpo"]["beta"] == 0.1
+
+
+def _default(root):
+    return yaml.safe_load((root / "params/default.yaml").read_text())
+
+
+def test_misspelt_key_is_named(root):
+    cfg = _default(root)
+    cfg["tts"]["voicse"] = ["en-us"]
+    with pytest.raises(ParamsError, match=r"tts\.voicse: unknown key"):
+        validate(cfg)
+
+
+def test_wrong_type_is_named(root):
+    cfg = _default(root)
+    cfg["world"]["n_entities"] = "fifty"
+    with pytest.raises(ParamsError, match=r"world\.n_entities: 'fifty' is not of type 'integer'"):
+        validate(cfg)
+
+
+def test_out_of_range_value_is_named(root):
+    cfg = _default(root)
+    cfg["asr"]["max_wer"] = 1.5
+    with pytest.raises(ParamsError, match=r"asr\.max_wer: 1\.5 is greater than the maximum of 1"):
+        validate(cfg)
+
+
+def test_missing_section_is_named(root):
+    cfg = _default(root)
+    del cfg["noise"]
+    with pytest.raises(ParamsError, match=r"noise: required key is missing"):
+        validate(cfg)
+
+
+def test_test_voice_that_is_also_a_training_voice_is_refused(root):
+    cfg = _default(root)
+    cfg["tts"]["test_voices"].append(cfg["tts"]["train_voices"][0])
+    with pytest.raises(ParamsError, match="held out of training"):
+        validate(cfg)
+
+
+def test_overlay_merges_deeply(root):
+    base = _default(root)
+    merged = merge(base, {"world": {"n_entities": 8}})
+    assert merged["world"]["n_entities"] == 8 and merged["world"]["seed"] == base["world"]["seed"]
+
+
+def test_malformed_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("world: [unclosed\n")
+    with pytest.raises(ParamsError, match=str(bad) + ": not valid YAML"):
+        load([bad])
+
+
+def test_cli_check_exits_2_with_the_key(root, tmp_path):
+    overlay = tmp_path / "o.yaml"
+    overlay.write_text("world:\n  n_entitis: 3\n")
+    proc = subprocess.run([sys.executable, "-m", "fac", "params", "check", str(root / "params/default.yaml"),
+                           str(overlay)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "world.n_entitis: unknown key" in proc.stderr

@@ -1,0 +1,74 @@
+"""The Snakemake workflow: lint, the whole default DAG, a real micro run of `data`, and partial reruns."""
+import json
+import subprocess
+
+import pytest
+
+from workflow_helpers import BIN, ROOT, env, planned_jobs, snakemake
+
+DATA_RULES = {"world", "text_tokenizer", "tts", "asr_lm", "asr_filter", "noisy", "speech_tokenizer",
+              "speech_tokens", "manifests", "data_report"}
+
+
+def test_lint_is_clean():
+    proc = subprocess.run([str(BIN / "snakemake"), "--lint"], cwd=ROOT, capture_output=True, text=True, env=env())
+    assert proc.returncode == 0, proc.stderr
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
+
+
+def test_dry_run_of_the_default_dag_plans_every_rule_once(tmp_path):
+    jobs = planned_jobs(snakemake(tmp_path, "-n", overlays=()))
+    assert set(jobs) == DATA_RULES | {"all"}
+    assert all(count == 1 for count in jobs.values())
+
+
+def test_invalid_params_stop_before_any_job(tmp_path):
+    proc = snakemake(tmp_path, "-n", config="world={n_entitis: 3}", check=False)
+    assert proc.returncode != 0
+    assert "world.n_entitis: unknown key" in proc.stdout + proc.stderr
+
+
+def test_unknown_voice_stops_before_any_job_and_names_it(tmp_path):
+    proc = snakemake(tmp_path, "-n", config="tts={test_voices: [en-klingon+m9]}", check=False)
+    assert proc.returncode != 0
+    assert "en-klingon+m9" in proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    """One real run of the `data` target on the micro world (about a minute on 2 cores)."""
+    workdir = tmp_path_factory.mktemp("micro")
+    snakemake(workdir, "data")
+    return workdir
+
+
+def test_data_target_writes_manifests_report_and_logs(micro_run):
+    data = micro_run / "results/micro/data"
+    report = json.loads((data / "report.json").read_text())
+    assert report["asr_filter"]["total"] == report["synthesised"]["utterances"]
+    assert 0 < report["kept"]["utterances"] <= report["synthesised"]["utterances"]
+    counts = report["manifests"]
+    assert counts["spoken_qa_train"] > 0 and counts["spoken_qa_test_unseen_voices"] > 0
+    assert counts["spoken_qa_test_snr10"] > 0 and counts["paraling_train"] > 0
+    first = json.loads((data / "manifests/spoken_qa_test.jsonl").read_text().splitlines()[0])
+    user = json.loads(first["audio"][0])
+    assert (data / user["path"]).is_file()
+    for rule in DATA_RULES:
+        assert (micro_run / f"results/micro/logs/data/{rule}.log").is_file()
+    assert "asr filter: kept" in (micro_run / "results/micro/logs/data/asr_filter.log").read_text()
+
+
+def test_second_run_has_nothing_to_do(micro_run):
+    assert planned_jobs(snakemake(micro_run, "data", "-n")) == {}
+
+
+def test_changing_a_synthesis_parameter_reruns_exactly_what_depends_on_it(micro_run):
+    jobs = planned_jobs(snakemake(micro_run, "data", "-n", config="tts={rate: [150, 180]}"))
+    assert set(jobs) == {"tts", "asr_filter", "noisy", "speech_tokenizer", "speech_tokens", "manifests",
+                         "data_report", "data"}
+
+
+def test_changing_the_wer_threshold_keeps_synthesis(micro_run):
+    jobs = planned_jobs(snakemake(micro_run, "data", "-n", config="asr={max_wer: 0.4}"))
+    assert set(jobs) == {"asr_filter", "noisy", "speech_tokenizer", "speech_tokens", "manifests",
+                         "data_report", "data"}

@@ -1,0 +1,45 @@
+"""Run Snakemake on the project's workflow from a scratch folder, as a user would from the repo root."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def env() -> dict:
+    e = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    return e
+
+
+def snakemake(workdir: Path, *args: str, overlays=("tests/configs/micro.yaml",), config: str | None = None,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """snakemake with the default params plus overlays; the lexicon path is made absolute."""
+    # Targets and flags first: --configfile and --config take every word after them.
+    cmd = [str(BIN / "snakemake"), *args, "-s", str(ROOT / "workflow/Snakefile"), "--directory", str(workdir),
+           "--cores", "2", "--configfile", str(ROOT / "params/default.yaml"),
+           *[str(ROOT / o) for o in overlays],
+           "--config", f"world={{source: {ROOT / 'data/world/lexicon.yaml'}}}", *([config] if config else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=workdir)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
+    """Rule -> job count from a dry run's 'Job stats' table."""
+    text = proc.stdout + proc.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:", 1)[1]
+    jobs = {}
+    for line in table.splitlines()[3:]:
+        m = re.match(r"^(\S+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        if m.group(1) != "total":
+            jobs[m.group(1)] = int(m.group(2))
+    return jobs
