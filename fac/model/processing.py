@@ -1,0 +1,242 @@
+"""Turn conversations into Fun-Audio-Chat model inputs exactly as the official training pipeline does
+(LLaMA-Factory `funaudiochat` template, ARCH_NOTES section 10), batch them, and compute log-mel features."""
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from transformers import WhisperFeatureExtractor
+
+IGNORE_INDEX = -100
+MEL_FRAMES_PER_SECOND = 100  # Whisper features: hop 160 at 16 kHz
+SPEECH_TOKENS_PER_SECOND = 25
+SPEECH_DELAY = 10  # speech-bos tokens before the assistant's codes: 2 slots of 5 = 0.4 s
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """Token ids of the template, independent of any tokenizer.
+
+    The prefixes are the ids of "<|im_start|>system\\n", "<|im_start|>user\\n", "<|im_start|>assistant\\n" and
+    turn_suffix those of "<|im_end|>\\n". Text: `<|AUDIO|>`, `<|audio_bos|>`, `<|audio_eos|>`, the text pad
+    `<|endoftext|>`. Speech codebook: bos (the delay token) and pad (the user's placeholder speech).
+    """
+
+    system_prefix: tuple[int, ...]
+    user_prefix: tuple[int, ...]
+    assistant_prefix: tuple[int, ...]
+    turn_suffix: tuple[int, ...]
+    audio: int
+    audio_bos: int
+    audio_eos: int
+    text_pad: int
+    speech_bos: int
+    speech_pad: int
+
+    @classmethod
+    def from_config(cls, config, *, system_prefix, user_prefix, assistant_prefix, turn_suffix) -> "SpecialIds":
+        """Audio and pad ids from a FunAudioChatConfig; template pieces as token-id sequences."""
+        text, audio = config.text_config, config.audio_config
+        return cls(
+            tuple(system_prefix), tuple(user_prefix), tuple(assistant_prefix), tuple(turn_suffix),
+            audio=config.audio_token_index, audio_bos=text.audio_bos_index, audio_eos=text.audio_eos_index,
+            text_pad=text.pad_token_id, speech_bos=audio.bos_token_id, speech_pad=audio.pad_token_id,
+        )
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, config) -> "SpecialIds":
+        """Template pieces encoded by a transformers tokenizer or a `tokenizers.Tokenizer` (no extra special tokens)."""
+
+        def encode(text: str) -> tuple[int, ...]:
+            encoded = tokenizer.encode(text, add_special_tokens=False)
+            return tuple(getattr(encoded, "ids", encoded))
+
+        return cls.from_config(
+            config,
+            system_prefix=encode("<|im_start|>system\n"),
+            user_prefix=encode("<|im_start|>user\n"),
+            assistant_prefix=encode("<|im_start|>assistant\n"),
+            turn_suffix=encode("<|im_end|>\n"),
+        )
+
+
+@dataclass
+class Example:
+    """One conversation: the LLM stream [S] and its audios in `<|AUDIO|>` order (user first, then assistant)."""
+
+    input_ids: torch.Tensor  # [S]
+    labels: torch.Tensor  # [S] unshifted: assistant content + turn suffix, IGNORE_INDEX elsewhere
+    speech_ids: list[torch.Tensor] = field(default_factory=list)  # per audio [L_a]
+    text_ids: list[torch.Tensor] = field(default_factory=list)  # per audio transcript [T_a] (empty for the user)
+    input_features: list[torch.Tensor | None] = field(default_factory=list)  # per audio [M, T_f] or None
+
+
+def speech_length_of_frames(num_frames: int) -> int:
+    """The user's placeholder speech length int(25 * seconds) for a clip of `num_frames` mel frames (100/s)."""
+    return num_frames * SPEECH_TOKENS_PER_SECOND // MEL_FRAMES_PER_SECOND
+
+
+def audio_span(num_speech: int, ids: SpecialIds, group_size: int) -> list[int]:
+    """`<|audio_bos|>` + ceil(num_speech / G) x `<|AUDIO|>` + `<|audio_eos|>`."""
+    return [ids.audio_bos] + [ids.audio] * (-(-num_speech // group_size)) + [ids.audio_eos]
+
+
+def _user_audio(user_audio: int | torch.Tensor, ids: SpecialIds):
+    """(speech placeholder [L], features [M, T] or None) of the user's turn."""
+    if isinstance(user_audio, int):
+        return torch.full((user_audio,), ids.speech_pad, dtype=torch.long), None
+    if not (isinstance(user_audio, torch.Tensor) and user_audio.ndim == 2):
+        raise ValueError(
+            f"user_audio must be a speech length (int) or log-mel features [n_mels, frames], got {type(user_audio)}"
+        )
+    length = speech_length_of_frames(user_audio.shape[1])
+    return torch.full((length,), ids.speech_pad, dtype=torch.long), user_audio
+
+
+def _prompt(system_ids, user_speech: torch.Tensor, ids: SpecialIds, group_size: int) -> list[int]:
+    """Token ids up to and including "<|im_start|>assistant\\n"."""
+    return [
+        *ids.system_prefix, *system_ids, *ids.turn_suffix,
+        *ids.user_prefix, *audio_span(len(user_speech), ids, group_size), *ids.turn_suffix,
+        *ids.assistant_prefix,
+    ]
+
+
+def build_example(
+    system_ids,
+    user_audio: int | torch.Tensor,
+    assistant_text_ids,
+    assistant_speech_codes,
+    special_ids: SpecialIds,
+    group_size: int,
+    delay: int = SPEECH_DELAY,
+) -> Example:
+    """One training conversation: system text, user speech, assistant reply.
+
+    `user_audio` is the user's log-mel features [M, T] (100 frames/s; its placeholder speech is int(25 * seconds)
+    pad tokens) or just a speech length (no features). With `assistant_speech_codes` (25 Hz codes) the reply is an
+    audio span whose speech is `delay` x speech-bos then the codes and whose transcript is `assistant_text_ids`
+    (the parallel text stream); with None the reply is the plain text `assistant_text_ids` (speech-to-text data).
+    """
+    ids = special_ids
+    user_speech, user_features = _user_audio(user_audio, ids)
+    prompt = _prompt(list(system_ids), user_speech, ids, group_size)
+    assistant_text = torch.as_tensor(list(assistant_text_ids), dtype=torch.long)
+    speech_ids, text_ids, features = [user_speech], [torch.zeros(0, dtype=torch.long)], [user_features]
+    if assistant_speech_codes is None:
+        reply = [*assistant_text.tolist(), *ids.turn_suffix]
+    else:
+        codes = torch.as_tensor(list(assistant_speech_codes), dtype=torch.long)
+        speech = torch.cat([torch.full((delay,), ids.speech_bos, dtype=torch.long), codes])
+        reply = [*audio_span(len(speech), ids, group_size), *ids.turn_suffix]
+        speech_ids.append(speech)
+        text_ids.append(assistant_text)
+        features.append(None)  # the official plugin blanks the assistant audio's wav
+    input_ids = torch.tensor(prompt + reply, dtype=torch.long)
+    labels = torch.cat([torch.full((len(prompt),), IGNORE_INDEX, dtype=torch.long), torch.tensor(reply)])
+    return Example(input_ids, labels, speech_ids, text_ids, features)
+
+
+def _length_mask(lengths: list[int], width: int) -> torch.Tensor:
+    """[N, width] with 1 on the first lengths[n] entries of row n."""
+    return (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+
+
+def _pad_1d(rows: list[torch.Tensor], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D rows into [N, L_max] and the matching 0/1 mask."""
+    padded = pad_sequence(rows, batch_first=True, padding_value=value)
+    return padded, _length_mask([len(r) for r in rows], padded.shape[1])
+
+
+def collate(examples: list[Example], special_ids: SpecialIds, feature_pad_value: float = 0.0) -> dict:
+    """Right-pad examples into the model's named inputs (audios flattened in order over the batch).
+
+    input_ids/attention_mask/labels [B, S]; speech_ids/speech_attention_mask [A, L]; text_ids [A, T] with
+    text_attention_mask [A] (audio has a transcript); input_features [A_f, M, T_f] with feature_attention_mask
+    [A_f, T_f] for the audios marked in feature_exist_mask [A]. Audio keys are None when no example has audio.
+    """
+    ids = special_ids
+    input_ids, attention_mask = _pad_1d([e.input_ids for e in examples], ids.text_pad)
+    labels, _ = _pad_1d([e.labels for e in examples], IGNORE_INDEX)
+    batch = {
+        "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+        "speech_ids": None, "speech_attention_mask": None, "text_ids": None, "text_attention_mask": None,
+        "input_features": None, "feature_attention_mask": None, "feature_exist_mask": None,
+    }
+    speech = [s for e in examples for s in e.speech_ids]
+    if not speech:
+        return batch
+    texts = [t for e in examples for t in e.text_ids]
+    features = [f for e in examples for f in e.input_features]
+    batch["speech_ids"], batch["speech_attention_mask"] = _pad_1d(speech, ids.speech_pad)
+    batch["text_ids"], _ = _pad_1d(texts, ids.text_pad)
+    batch["text_attention_mask"] = torch.tensor([len(t) > 0 for t in texts])
+    batch["feature_exist_mask"] = torch.tensor([f is not None for f in features])
+    present = [f for f in features if f is not None]
+    if present:
+        frames = pad_sequence([f.transpose(0, 1) for f in present], batch_first=True, padding_value=feature_pad_value)
+        batch["input_features"] = frames.transpose(1, 2).contiguous()  # [A_f, M, T_max]
+        batch["feature_attention_mask"] = _length_mask([f.shape[1] for f in present], frames.shape[1])
+    return batch
+
+
+def build_prompt(
+    system_ids,
+    user_audio: int | torch.Tensor,
+    special_ids: SpecialIds,
+    group_size: int,
+    feature_frames: int | None = None,
+    feature_pad_value: float = 0.0,
+) -> dict:
+    """Inference inputs (batch of 1) up to "<|im_start|>assistant\\n", as the official processor builds them:
+    speech ids padded to a multiple of G, features padded to `feature_frames` (3000 = 30 s officially)."""
+    ids = special_ids
+    user_speech, user_features = _user_audio(user_audio, ids)
+    padded_len = -(-len(user_speech) // group_size) * group_size
+    speech_ids = torch.full((1, padded_len), ids.speech_pad, dtype=torch.long)
+    speech_mask = _length_mask([len(user_speech)], padded_len)
+    input_ids = torch.tensor([_prompt(list(system_ids), user_speech, ids, group_size)], dtype=torch.long)
+    prompt = {
+        "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+        "speech_ids": speech_ids, "speech_attention_mask": speech_mask,
+        "input_features": None, "feature_attention_mask": None, "feature_exist_mask": torch.tensor([False]),
+    }
+    if user_features is not None:
+        frames = user_features.shape[1]
+        total = max(frames, feature_frames or 0)
+        features = torch.full((1, user_features.shape[0], total), feature_pad_value, dtype=user_features.dtype)
+        features[0, :, :frames] = user_features
+        mask = _length_mask([frames], total)
+        prompt.update(input_features=features, feature_attention_mask=mask, feature_exist_mask=torch.tensor([True]))
+    return prompt
+
+
+@lru_cache(maxsize=4)
+def _feature_extractor(n_mels: int, sampling_rate: int) -> WhisperFeatureExtractor:
+    return WhisperFeatureExtractor(feature_size=n_mels, sampling_rate=sampling_rate)
+
+
+def log_mel(
+    samples_16k: np.ndarray | torch.Tensor | list,
+    n_mels: int = 128,
+    sampling_rate: int = 16000,
+    max_seconds: float = 30.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whisper log-mel features (transformers' WhisperFeatureExtractor, hop 160: 100 frames/s) of one clip or a
+    list of clips, padded to the longest clip only (not to 30 s); clips longer than `max_seconds` are truncated.
+
+    Returns features [N, n_mels, T] float32 and feature_attention_mask [N, T] (1 on each clip's own frames).
+    """
+    clips = samples_16k if isinstance(samples_16k, (list, tuple)) else [samples_16k]
+    clips = [np.asarray(c.numpy() if isinstance(c, torch.Tensor) else c, dtype=np.float32) for c in clips]
+    for i, clip in enumerate(clips):
+        if clip.ndim != 1 or clip.size == 0:
+            raise ValueError(f"log_mel: clip {i} must be a non-empty 1-D mono signal, got shape {clip.shape}")
+    extractor = _feature_extractor(n_mels, sampling_rate)
+    max_samples = int(max_seconds * sampling_rate)
+    clips = [c[:max_samples] for c in clips]
+    out = extractor(clips, sampling_rate=sampling_rate, padding="longest", return_tensors="pt")
+    features = out["input_features"].float()  # [N, n_mels, T]
+    return features, _length_mask([len(c) // extractor.hop_length for c in clips], features.shape[-1])
