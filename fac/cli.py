@@ -71,6 +71,85 @@ def _data(args) -> None:
                           args.manifest_counts, args.tokenizer_stats, args.out, args.json, args.plot)
 
 
+def _threads(args) -> None:
+    """Torch uses exactly the cores Snakemake gave the job (two jobs sharing cores run far slower)."""
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(int(args.threads))
+
+
+def _run_info(args) -> dict:
+    return {"experiment": args.experiment, "wandb_dir": args.wandb_dir}
+
+
+def _train(args) -> None:
+    from fac.data.steps import write_json
+    from fac.train import stages
+    from fac.train.distributed import threads_per_process
+
+    args.threads = threads_per_process(args.threads)  # torchrun's processes share the job's cores
+    _threads(args)
+    p = args.params
+    if args.stage == "base-llm":
+        summary = stages.train_base_llm(p["stage"], p["model"], args.world, args.tokenizer, args.out,
+                                        args.state_root, _run_info(args))
+    elif args.stage == "encoder":
+        summary = stages.train_encoder(p["stage"], p["model"], args.manifests, args.data_root, args.tokenizer,
+                                       args.base_llm, args.out, args.state_root, _run_info(args))
+    elif args.stage == "init":
+        summary = stages.init_model(p["model"], args.base_llm, args.encoder, args.tokenizer, args.speech_tokenizer,
+                                    args.out, p["seed"])
+    else:
+        summary = stages.train_drsr(args.name or args.stage, p["stage"], args.model, args.manifests,
+                                    args.data_root, args.out, args.state_root, _run_info(args))
+    log.info("%s done: %s", args.stage, json.dumps(summary, default=str))
+
+
+def _merge(args) -> None:
+    from fac.train.merge import merge_checkpoints
+
+    per_module = dict(item.split("=", 1) for item in args.per_module or [])
+    info = merge_checkpoints(args.base, args.other, args.alpha, args.out,
+                             {k: float(v) for k, v in per_module.items()})
+    print(json.dumps(info, indent=2))
+
+
+def _eval(args) -> None:
+    from fac.data.steps import write_json
+    from fac.eval.metrics import evaluate
+
+    _threads(args)
+    metrics = evaluate(args.stage, args.model, args.world, args.manifests, args.data_root)
+    write_json(metrics, args.out)
+    print(json.dumps(metrics))
+
+
+def _metrics(args) -> None:
+    from fac.data.steps import write_json
+    from fac.eval.metrics import collect, markdown_table
+
+    stage_files = dict(item.split("=", 1) for item in args.inputs)
+    extra = dict(item.split("=", 1) for item in args.extra or [])
+    table = collect(stage_files, extra)
+    write_json(table, args.out)
+    Path(args.table).write_text(markdown_table(table))
+    print(markdown_table(table))
+
+
+def _infer(args) -> None:
+    from fac.eval.infer import answer
+
+    result = answer(args.model, args.audio, mode=args.mode, max_new_tokens=args.max_new_tokens,
+                    sample=args.sample, seed=args.seed)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(result["text"])
+        if args.mode == "s2m":
+            print("speech tokens:", " ".join(map(str, result["speech_tokens"])))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fac", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -97,6 +176,51 @@ def build_parser() -> argparse.ArgumentParser:
                 sp.add_argument(opt, required=True)
         sp.set_defaults(func=_data)
         return sp
+
+    train = sub.add_parser("train", help="one training stage")
+    train.add_argument("stage", choices=["base-llm", "encoder", "init", "prealign", "stage1", "stage2"])
+    train.add_argument("--params", type=parse_params, required=True,
+                       help='inline JSON {"stage": {...}, "model": {...}, "seed": N}, or FILE.yaml:section')
+    for opt in ("--world", "--tokenizer", "--speech-tokenizer", "--manifests", "--data-root", "--base-llm",
+                "--encoder", "--model", "--name"):
+        train.add_argument(opt)
+    train.add_argument("--out", required=True)
+    train.add_argument("--state-root", default="results/state", help="where resume points live (undeclared)")
+    train.add_argument("--experiment", default="default")
+    train.add_argument("--wandb-dir")
+    train.add_argument("--threads", type=int)
+    train.set_defaults(func=_train)
+
+    merge = sub.add_parser("merge", help="M = alpha * OTHER + (1 - alpha) * BASE (Core-Cocktail merge)")
+    merge.add_argument("--base", required=True, help="M_0: the pre-aligned model")
+    merge.add_argument("--other", required=True, help="M_stage1")
+    merge.add_argument("--alpha", type=float, required=True)
+    merge.add_argument("--per-module", nargs="*", metavar="PREFIX=ALPHA")
+    merge.add_argument("--out", required=True)
+    merge.set_defaults(func=_merge)
+
+    ev = sub.add_parser("eval", help="evaluate one checkpoint")
+    for opt in ("--stage", "--model", "--world", "--manifests", "--data-root", "--out"):
+        ev.add_argument(opt, required=True)
+    ev.add_argument("--threads", type=int)
+    ev.set_defaults(func=_eval)
+
+    met = sub.add_parser("metrics", help="collect per-stage metrics into metrics.json and a table")
+    met.add_argument("--inputs", nargs="+", required=True, metavar="STAGE=FILE")
+    met.add_argument("--extra", nargs="*", metavar="STAGE=FILE")
+    met.add_argument("--out", required=True)
+    met.add_argument("--table", required=True)
+    met.set_defaults(func=_metrics)
+
+    infer = sub.add_parser("infer", help="answer one spoken question")
+    infer.add_argument("--model", required=True)
+    infer.add_argument("--audio", required=True)
+    infer.add_argument("--mode", choices=["s2t", "s2m"], default="s2t")
+    infer.add_argument("--json", action="store_true")
+    infer.add_argument("--max-new-tokens", type=int, default=32)
+    infer.add_argument("--sample", action="store_true", help="sample speech (official settings) instead of greedy")
+    infer.add_argument("--seed", type=int, default=0)
+    infer.set_defaults(func=_infer)
 
     step("world", "build the knowledge base, documents and QA pairs", "--params", "--source", "--out")
     step("text-tokenizer", "train the BPE text tokenizer", "--params", "--world", "--out")
@@ -126,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         # Progress bars into a rule's log: a line every few seconds, not hundreds of redraws.
         os.environ.setdefault("TQDM_MININTERVAL", "5")
     try:
+        if args.command == "train":
+            from fac.train.distributed import relaunch
+
+            # A deepspeed stage in several processes: this process becomes torchrun running this command again.
+            relaunch(args.params.get("stage") or {}, sys.argv[1:] if argv is None else list(argv), args.threads)
         args.func(args)
     except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as err:
         # Known bad input: one clear line naming the file or value, no traceback.

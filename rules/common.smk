@@ -99,3 +99,49 @@ def data_targets():
         f"{DATA}/tokenizer/tokenizer.json",
         f"{DATA}/speech_tokenizer",
     ]
+
+
+# Every checkpoint the report follows, in the order of the recipe.
+EVAL_STAGES = ["base_llm", "prealign", "stage1", "merged", "stage2"]
+
+
+# The DRSR stages trained by rule train_drsr, each from the checkpoint before it.
+DRSR_STAGES = ["prealign", "stage1", "stage2"]
+DRSR_INPUT = {"prealign": "init", "stage1": "prealign", "stage2": "merged"}
+
+
+def drsr_input_of(wildcards):
+    return f"{RESULTS}/checkpoints/{DRSR_INPUT[wildcards.stage]}"
+
+
+def drsr_params(wildcards):
+    return as_json({"stage": config[wildcards.stage]})
+
+
+def checkpoint_of_stage(wildcards):
+    return f"{RESULTS}/checkpoints/{wildcards.stage}"
+
+
+def metrics_inputs(wildcards, input):
+    return " ".join(f"{stage}={path}" for stage, path in zip(EVAL_STAGES, input.stages))
+
+
+def merge_per_module(wildcards):
+    per_module = config["merge"].get("per_module") or {}
+    if not per_module:
+        return ""
+    return "--per-module " + " ".join(shlex.quote(f"{k}={v}") for k, v in per_module.items())
+
+
+def encoder_model_params():
+    """What the encoder stage depends on: its geometry and the width it projects to (the LLM's)."""
+    return {"encoder": config["model"]["encoder"], "llm": {"hidden_size": config["model"]["llm"]["hidden_size"]}}
+
+
+def run_flags(wildcards):
+    """Resume points and wandb runs of training jobs, under the experiment's folder."""
+    return f"--experiment {EXP} --state-root {RESULTS}/state --wandb-dir {RESULTS}/wandb"
+
+
+def train_targets():
+    return [f"{RESULTS}/metrics.json", f"{RESULTS}/metrics.md"]

@@ -8,6 +8,7 @@ from workflow_helpers import BIN, ROOT, env, planned_jobs, snakemake
 
 DATA_RULES = {"world", "text_tokenizer", "tts", "asr_lm", "asr_filter", "noisy", "speech_tokenizer",
               "speech_tokens", "manifests", "data_report"}
+TRAIN_RULES = {"base_llm", "encoder", "init_model", "train_drsr", "merge", "evaluate", "metrics"}
 
 
 def test_lint_is_clean():
@@ -16,10 +17,12 @@ def test_lint_is_clean():
     assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
 
 
-def test_dry_run_of_the_default_dag_plans_every_rule_once(tmp_path):
+def test_dry_run_of_the_default_dag_plans_every_stage(tmp_path):
     jobs = planned_jobs(snakemake(tmp_path, "-n", overlays=()))
-    assert set(jobs) == DATA_RULES | {"all"}
-    assert all(count == 1 for count in jobs.values())
+    assert set(jobs) == DATA_RULES | TRAIN_RULES | {"all"}
+    assert jobs["train_drsr"] == 3  # pre-alignment, stage 1, stage 2
+    assert jobs["evaluate"] == 5  # base_llm, prealign, stage1, merged, stage2
+    assert all(jobs[rule] == 1 for rule in DATA_RULES | {"base_llm", "encoder", "init_model", "merge", "metrics"})
 
 
 def test_invalid_params_stop_before_any_job(tmp_path):
@@ -36,9 +39,10 @@ def test_unknown_voice_stops_before_any_job_and_names_it(tmp_path):
 
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
-    """One real run of the `data` target on the micro world (about a minute on 2 cores)."""
+    """One real run of the whole DAG on the micro world: data, then a few steps of every stage."""
     workdir = tmp_path_factory.mktemp("micro")
     snakemake(workdir, "data")
+    snakemake(workdir)
     return workdir
 
 
@@ -72,3 +76,24 @@ def test_changing_the_wer_threshold_keeps_synthesis(micro_run):
     jobs = planned_jobs(snakemake(micro_run, "data", "-n", config="asr={max_wer: 0.4}"))
     assert set(jobs) == {"asr_filter", "noisy", "speech_tokenizer", "speech_tokens", "manifests",
                          "data_report", "data"}
+
+
+def test_whole_dag_writes_per_stage_metrics(micro_run):
+    metrics = json.loads((micro_run / "results/micro/metrics.json").read_text())
+    assert list(metrics) == ["base_llm", "prealign", "stage1", "merged", "stage2", "encoder"]
+    assert set(metrics["base_llm"]) == {"text_qa_acc"}
+    for stage in ("prealign", "stage1", "merged", "stage2"):
+        assert set(metrics[stage]) == {"spoken_qa_acc", "spoken_qa_acc_unseen_voices", "text_qa_acc",
+                                       "speech_token_acc"}
+        assert all(0.0 <= v <= 1.0 for v in metrics[stage].values())
+    assert set(metrics["encoder"]) == {"encoder_wer", "encoder_wer_unseen_voices"}
+    assert "| stage |" in (micro_run / "results/micro/metrics.md").read_text()
+    merged = json.loads((micro_run / "results/micro/checkpoints/merged/merge.json").read_text())
+    assert merged["alpha"] == 0.5
+
+
+def test_changing_merge_alpha_reruns_only_the_merge_and_what_follows(micro_run):
+    proc = snakemake(micro_run, "-n", config="merge={alpha: 0.7}")
+    jobs = planned_jobs(proc)
+    assert set(jobs) == {"merge", "train_drsr", "evaluate", "metrics", "all"}
+    assert jobs["train_drsr"] == 1 and jobs["evaluate"] == 2  # stage 2; merged and stage 2 re-evaluated

@@ -78,7 +78,7 @@ def build_manifests(utterances: list[dict], tokens: dict[str, list[int]], tasks:
             add(f"spoken_qa_{u['split']}{suffix}", conversation("s2m", user, answer_audio(u["answer"]), meta))
         if u["kind"] in ("question", "statement") and not noisy and "asr" in tasks:
             asr_meta = dict(meta, task="asr", transcript=u["text"])
-            add(f"asr_{u['split']}", conversation("s2m", user, assistant_audio(u["text"], tokens[u["id"]]), asr_meta))
+            add(f"asr_{u['split']}", conversation("asr", user, assistant_audio(u["text"], tokens[u["id"]]), asr_meta))
         if u["kind"] == "paraling" and not noisy and "paraling" in tasks:
             meta.update(task="empathy", emotion=u["emotion"], reply=u["reply"])
             add(f"paraling_{u['split']}", conversation("s2m", user, answer_audio(u["reply"]), meta))

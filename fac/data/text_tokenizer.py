@@ -15,9 +15,12 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<
 SYSTEM_PROMPTS = {
     "s2t": "You are asked to generate text tokens.",
     "s2m": "You are asked to generate both text and speech tokens at the same time.",
+    # fac's own: speech-text pairs (pre-alignment) must not look like a question to answer, or the
+    # model learns to repeat spoken questions instead of answering them.
+    "asr": "You are asked to transcribe the speech.",
 }
 # The chat template's own words, so that every conversation tokenizes into known merges.
-TEMPLATE_TEXT = ["system", "user", "assistant", *SYSTEM_PROMPTS.values()]
+TEMPLATE_TEXT = ["system", "user", "assistant", SYSTEM_PROMPTS["s2t"], SYSTEM_PROMPTS["s2m"]]
 
 
 def train_tokenizer(sentences: list[str], vocab_size: int, out_dir: str | Path) -> PreTrainedTokenizerFast:

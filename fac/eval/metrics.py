@@ -1,0 +1,122 @@
+"""Evaluation of every stage's checkpoint on the tiny world: spoken QA, text QA, speech-token accuracy.
+
+spoken_qa_acc asks the test facts (known only from text) aloud; text_qa_acc asks every fact in text (the
+base LLM's knowledge, retained or forgotten); speech_token_acc is the SRH's teacher-forced code accuracy.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
+from fac.data.text_tokenizer import SYSTEM_PROMPTS
+from fac.model import load_checkpoint
+from fac.model.processing import IGNORE_INDEX, SpecialIds, collate
+from fac.train.data import FeatureCache, SpokenData, chat_ids, load_records
+from fac.train.stages import load_tokenizer
+
+log = logging.getLogger("fac.eval")
+
+
+def first_word(tokenizer, ids: list[int]) -> str:
+    """The first word of generated text, special tokens dropped (the answer of a world question)."""
+    words = tokenizer.decode(ids, skip_special_tokens=True).split()
+    return words[0] if words else ""
+
+
+@torch.no_grad()
+def text_qa_accuracy(llm, tokenizer, world_dir: str | Path, batch_size: int = 64) -> float:
+    """Greedy answers of a causal LM to every fact's text question; correct when the first word is the value."""
+    qa = [json.loads(line) for line in (Path(world_dir) / "text_qa.jsonl").read_text().splitlines() if line]
+    llm.eval()
+    correct = 0
+    for start in range(0, len(qa), batch_size):
+        chunk = qa[start:start + batch_size]
+        prompts = [chat_ids(tokenizer, SYSTEM_PROMPTS["s2t"], p["question"], None)[0] for p in chunk]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding for batched generation
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        out = llm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        for pair, row in zip(chunk, out[:, width:].tolist()):
+            correct += first_word(tokenizer, row) == pair["answer"]
+    return correct / len(qa)
+
+
+@torch.no_grad()
+def spoken_qa_accuracy(model, data: SpokenData, name: str, tokenizer) -> float:
+    """Greedy text answer to each spoken question of manifest `name`; correct when its first word is the value."""
+    model.eval()
+    records = data.records[name]
+    correct = 0
+    for rec in tqdm(records, desc=f"spoken QA {name}", unit="q"):
+        prompt = data.prompt(rec)
+        out = model.generate_speech_text(**prompt, mode="s2t", max_new_tokens=3)
+        correct += first_word(tokenizer, out.text_ids[0].tolist()) == rec.meta["answer"]
+    return correct / len(records)
+
+
+@torch.no_grad()
+def speech_token_accuracy(model, data: SpokenData, name: str, batch_size: int = 16) -> float:
+    """Teacher-forced SRH accuracy on the speech codes of the answers (delay and eos tokens excluded)."""
+    model.eval()
+    g = model.config.audio_config.group_size
+    first_special = model.config.audio_config.bos_token_id
+    hits = total = 0
+    records = data.records[name]
+    for start in range(0, len(records), batch_size):
+        batch = collate([data.example(r) for r in records[start:start + batch_size]], data.special)
+        out = model(**batch)
+        predicted = out.speech_logits[:, :-g].argmax(-1)  # sub-frame q predicts label q + G
+        target = out.speech_labels[:, g:]
+        valid = (target != IGNORE_INDEX) & (target < first_special)
+        hits += int((predicted[valid] == target[valid]).sum())
+        total += int(valid.sum())
+    return hits / max(1, total)
+
+
+def evaluate(stage: str, model_dir: str, world_dir: str, manifest_dir: str, data_root: str) -> dict:
+    """All metrics that apply to a checkpoint: a plain LLM gets text QA only, a DRSR model everything."""
+    tokenizer = load_tokenizer(model_dir)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if config.get("model_type") != "funaudiochat":
+        llm = AutoModelForCausalLM.from_pretrained(model_dir)
+        return {"text_qa_acc": text_qa_accuracy(llm, tokenizer, world_dir)}
+    model = load_checkpoint(model_dir)
+    special = SpecialIds.from_tokenizer(tokenizer, model.config)
+    features = FeatureCache(data_root, model.config.audio_config.num_mel_bins)
+    names = ["spoken_qa_test", "spoken_qa_test_unseen_voices"]
+    data = SpokenData(manifest_dir, {n: 1.0 for n in names}, features, tokenizer, special,
+                      model.config.audio_config.group_size)
+    metrics = {
+        "spoken_qa_acc": spoken_qa_accuracy(model, data, "spoken_qa_test", tokenizer),
+        "spoken_qa_acc_unseen_voices": spoken_qa_accuracy(model, data, "spoken_qa_test_unseen_voices", tokenizer),
+        "text_qa_acc": text_qa_accuracy(model.language_model, tokenizer, world_dir),
+        "speech_token_acc": speech_token_accuracy(model, data, "spoken_qa_test"),
+    }
+    log.info("%s: %s", stage, metrics)
+    return metrics
+
+
+def collect(stage_files: dict[str, str], extra: dict[str, str] | None = None) -> dict:
+    """{stage: {metric: value}} from per-stage metric files (and e.g. the encoder's own metrics)."""
+    table = {stage: json.loads(Path(path).read_text()) for stage, path in stage_files.items()}
+    for stage, path in (extra or {}).items():
+        table.setdefault(stage, {}).update(json.loads(Path(path).read_text()))
+    return table
+
+
+def markdown_table(table: dict[str, dict]) -> str:
+    metrics = sorted({m for row in table.values() for m in row})
+    lines = ["| stage | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for stage, row in table.items():
+        cells = [f"{row[m]:.3f}" if isinstance(row.get(m), float) else str(row.get(m, "")) for m in metrics]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,376 @@
+"""The training stages of the recipe, each a configuration of the one Trainer (called by `fac train <stage>`).
+
+base-llm: the tiny Qwen3 learns the world's facts from text (or a pretrained LLM is imported);
+encoder: the tiny "Whisper" learns to recognise the world's words (CTC) before anything uses it;
+init: the DRSR model assembled from both; drsr: pre-alignment, Core-Cocktail stage 1 and stage 2.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
+
+from fac.data.steps import write_json
+from fac.model import FunAudioChatForConditionalGeneration, build_config, load_checkpoint
+from fac.model.configuration import FunAudioChatAudioConfig
+from fac.model.encoder import FunAudioChatContinuousEncoder
+from fac.model.processing import SpecialIds, collate
+from fac.train.data import FeatureCache, SpokenData, SpokenRecord, TextData, encode_text, load_records
+from fac.train.trainer import StageConfig, Trainer, files_identity, fingerprint, step_rng
+
+log = logging.getLogger("fac.train")
+
+
+def resolve_steps(stage: dict, num_examples: int) -> dict:
+    """Paper-scale stages give `epochs`; the trainer counts optimizer steps over the global batch."""
+    if "steps" in stage:
+        return stage
+    if "epochs" not in stage:
+        raise ValueError(f"stage params need 'steps' or 'epochs'; got keys {sorted(stage)}")
+    world = max(1, int(stage.get("gpus") or stage.get("processes") or 1))
+    per_step = stage.get("batch_size", 8) * stage.get("grad_accum", 1) * world
+    return {**stage, "steps": max(1, math.ceil(stage["epochs"] * num_examples / per_step))}
+
+
+def load_tokenizer(path: str | Path):
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer.json (expected the text tokenizer folder)")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def special_id_params(tokenizer) -> dict:
+    from fac.data.text_tokenizer import special_ids
+
+    ids = special_ids(tokenizer)
+    return {k: ids[k] for k in ("pad", "eos", "bos", "audio", "audio_bos", "audio_eos", "sil")}
+
+
+def speech_codebook_size(speech_tokenizer_dir: str | Path) -> int:
+    """Codes + speech bos + eos + pad + one unused id, as the official codebook layout (6561 + 4 reserved)."""
+    cfg = json.loads((Path(speech_tokenizer_dir) / "config.json").read_text())
+    return int(cfg["codebook_size"]) + 4
+
+
+def model_config(model_params: dict, tokenizer, codebook_size: int):
+    """The DRSR config of an experiment: geometry from params, vocabulary and ids from the tokenizers."""
+    params = json.loads(json.dumps(model_params))
+    params["llm"]["vocab_size"] = len(tokenizer)
+    params.setdefault("speech", {})["codebook_size"] = codebook_size
+    params["special_ids"] = special_id_params(tokenizer)
+    return build_config(params)
+
+
+def _save_with_tokenizer(model, tokenizer, out_dir: str | Path, summary: dict) -> None:
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_json(summary, tmp / "train_summary.json")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+# --------------------------------------------------------------------------------------- base LLM
+
+
+def train_base_llm(stage: dict, model_params: dict, world_dir: str, tokenizer_dir: str, out_dir: str,
+                   state_root: str, run_info: dict) -> dict:
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if stage.get("import"):
+        model = AutoModelForCausalLM.from_pretrained(stage["import"])
+        _save_with_tokenizer(model, tokenizer, out_dir, {"stage": "base_llm", "imported": stage["import"]})
+        return {"imported": stage["import"]}
+    data = TextData(world_dir, tokenizer)
+    cfg = StageConfig.from_params(resolve_steps(stage, len(data.examples)))
+    llm = model_params["llm"]
+    torch.manual_seed(cfg.seed)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=llm["hidden_size"],
+                         intermediate_size=llm["intermediate_size"], num_hidden_layers=llm["num_hidden_layers"],
+                         num_attention_heads=llm["num_attention_heads"],
+                         num_key_value_heads=llm["num_key_value_heads"], head_dim=llm["head_dim"],
+                         rope_theta=float(llm["rope_theta"]), max_position_embeddings=llm.get("max_position_embeddings", 2048),
+                         tie_word_embeddings=llm.get("tie_word_embeddings", False),
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_config(config)
+
+    def loss_fn(m, batch):
+        return m(**batch).loss, {}
+
+    trainer = Trainer(model, cfg, loss_fn, lambda step: data.batch(step, cfg.batch_size, cfg.seed),
+                      Path(state_root) / f"base_llm-{fingerprint(stage, model_params, text_identity(world_dir, tokenizer_dir))}",
+                      "base_llm", run_info)
+    summary = trainer.train()
+    _save_with_tokenizer(model, tokenizer, out_dir, summary)
+    write_history(trainer, out_dir)
+    trainer.finish()
+    return summary
+
+
+def write_history(trainer: Trainer, out_dir: str | Path) -> None:
+    (Path(out_dir) / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in trainer.history))
+
+
+# --------------------------------------------------------------------------------------- encoder (tiny ASR)
+
+
+def encoder_output_lengths(feature_lengths: torch.Tensor, n_window: int) -> torch.Tensor:
+    """Valid 25 Hz frames of the continuous encoder for clips of `feature_lengths` mel frames.
+
+    Each chunk of c <= 2*n_window frames gives (c-1)//2+1 frames after the stride-2 conv; the audio's frames
+    are then average-pooled in pairs (an odd last frame dropped) when there are at least two.
+    """
+    out = []
+    for length in feature_lengths.tolist():
+        chunk = 2 * n_window
+        full, rest = divmod(int(length), chunk)
+        n50 = full * ((chunk - 1) // 2 + 1) + (((rest - 1) // 2 + 1) if rest else 0)
+        out.append(n50 // 2 if n50 >= 2 else n50)
+    return torch.tensor(out, dtype=torch.long)
+
+
+class CTCRecognizer(nn.Module):
+    """The tiny Whisper stand-in: the DRSR continuous encoder plus a CTC head over the text vocabulary.
+
+    The CTC head scores a 25 Hz frame against the base LLM's own (frozen) input embeddings, so the encoder
+    learns to emit vectors in the LLM's word-embedding space: the tiny world's analogue of what a large
+    pre-alignment achieves, measured necessary here (an encoder with a free CTC head left spoken QA at
+    chance after pre-alignment: the frozen LLM could not read its features). A separate scorer gives the
+    blank logit.
+    """
+
+    def __init__(self, audio_config: FunAudioChatAudioConfig, word_embeddings: torch.Tensor):
+        super().__init__()
+        self.continuous_audio_tower = FunAudioChatContinuousEncoder(audio_config)
+        self.register_buffer("word_embeddings", word_embeddings.detach().clone(), persistent=False)  # [V, H]
+        self.blank_head = nn.Linear(audio_config.output_dim, 1)
+        self.logit_scale = nn.Parameter(torch.tensor(1.0))
+        self.blank = word_embeddings.shape[0]  # last id = CTC blank
+
+    def forward(self, input_features, feature_attention_mask):
+        lengths = encoder_output_lengths(feature_attention_mask.sum(-1), self.continuous_audio_tower.config.n_window)
+        hidden = self.continuous_audio_tower(input_features, feature_attention_mask, int(lengths.max()))  # [A, T, H]
+        words = self.logit_scale * hidden @ self.word_embeddings.T  # [A, T, V]
+        return torch.cat([words, self.blank_head(hidden)], dim=-1), lengths  # [A, T, V+1], [A]
+
+    def greedy(self, input_features, feature_attention_mask) -> list[list[int]]:
+        logits, lengths = self(input_features, feature_attention_mask)
+        best = logits.argmax(-1)
+        out = []
+        for row, n in zip(best, lengths.tolist()):
+            ids, prev = [], None
+            for t in row[:n].tolist():
+                if t != prev and t != self.blank:
+                    ids.append(t)
+                prev = t
+            out.append(ids)
+        return out
+
+
+class TranscriptData:
+    """Speech-text pairs (the asr_* manifests) for the encoder: features and word-token transcripts."""
+
+    def __init__(self, manifest_dir, names: list[str], features: FeatureCache, tokenizer):
+        self.records = [SpokenRecord(r, name) for name in names for r in load_records(manifest_dir, name)]
+        self.features, self.tokenizer = features, tokenizer
+        self.targets = [encode_text(tokenizer, r.meta.get("transcript", r.text)) for r in self.records]
+
+    def batch_of(self, indices: list[int]) -> dict:
+        feats = [self.features(self.records[i].user_path) for i in indices]
+        n_mels, longest = feats[0].shape[0], max(f.shape[1] for f in feats)
+        x = torch.zeros(len(feats), n_mels, longest)
+        mask = torch.zeros(len(feats), longest, dtype=torch.long)
+        for i, f in enumerate(feats):
+            x[i, :, : f.shape[1]] = f
+            mask[i, : f.shape[1]] = 1
+        return {"input_features": x, "feature_attention_mask": mask, "targets": [self.targets[i] for i in indices]}
+
+    def batch(self, step: int, batch_size: int, seed: int) -> dict:
+        rng = step_rng(seed, step)
+        return self.batch_of([rng.randrange(len(self.records)) for _ in range(batch_size)])
+
+
+def ctc_loss(model: CTCRecognizer, batch: dict):
+    logits, lengths = model(batch["input_features"], batch["feature_attention_mask"])
+    log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # [T, A, V+1]
+    targets = torch.cat([torch.tensor(t, dtype=torch.long) for t in batch["targets"]])
+    target_lengths = torch.tensor([len(t) for t in batch["targets"]])
+    loss = F.ctc_loss(log_probs, targets, lengths, target_lengths, blank=model.blank, zero_infinity=True)
+    return loss, {}
+
+
+def word_error_rate_of(model: CTCRecognizer, data: TranscriptData, tokenizer, batch_size: int = 32) -> float:
+    import jiwer
+
+    model.eval()
+    refs, hyps = [], []
+    with torch.no_grad():
+        for start in range(0, len(data.records), batch_size):
+            idx = list(range(start, min(start + batch_size, len(data.records))))
+            batch = data.batch_of(idx)
+            for i, ids in zip(idx, model.greedy(batch["input_features"], batch["feature_attention_mask"])):
+                refs.append(tokenizer.decode(data.targets[i]).strip())
+                hyps.append(tokenizer.decode(ids).strip())
+    model.train()
+    return float(jiwer.wer(refs, hyps))
+
+
+def whisper_to_tower(whisper_encoder_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a transformers WhisperEncoder state dict onto `continuous_audio_tower` names.
+
+    Same sub-layer names; Whisper's final `layer_norm` is the tower's `ln_post`. Whisper's position table
+    is dropped (the tower computes the same sinusoids per chunk); the projection to the LLM width is new.
+    """
+    out = {}
+    for name, tensor in whisper_encoder_state.items():
+        if name.startswith("embed_positions"):
+            continue
+        out[name.replace("layer_norm.", "ln_post.") if name.startswith("layer_norm.") else name] = tensor
+    return out
+
+
+def import_whisper_encoder(source: str, model_params: dict, out_dir: str) -> dict:
+    """Paper scale: the encoder is Whisper's (e.g. openai/whisper-large-v3), from a path or hub id."""
+    from safetensors.torch import save_file
+    from transformers import WhisperModel
+
+    whisper = WhisperModel.from_pretrained(source)
+    wcfg = whisper.config
+    audio_config = FunAudioChatAudioConfig(
+        num_mel_bins=wcfg.num_mel_bins, d_model=wcfg.d_model, encoder_layers=wcfg.encoder_layers,
+        encoder_attention_heads=wcfg.encoder_attention_heads, encoder_ffn_dim=wcfg.encoder_ffn_dim,
+        # The official model runs Whisper in 2 s windows (n_window 100 mel frames a side).
+        n_window=model_params.get("encoder", {}).get("n_window", 100), max_source_positions=wcfg.max_source_positions,
+        output_dim=model_params["llm"]["hidden_size"])
+    tower = FunAudioChatContinuousEncoder(audio_config)
+    missing, unexpected = tower.load_state_dict(whisper_to_tower(whisper.encoder.state_dict()), strict=False)
+    if unexpected or set(missing) - {"proj.weight", "proj.bias", "audio_bos_eos_token.weight"}:
+        raise ValueError(f"{source}: not a Whisper encoder of the expected layout (missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({f"continuous_audio_tower.{k}": v.contiguous() for k, v in tower.state_dict().items()},
+              str(out / "model.safetensors"))
+    audio_config.to_json_file(str(out / "config.json"))
+    write_json({"imported": source}, out / "metrics.json")
+    return {"imported": source}
+
+
+def train_encoder(stage: dict, model_params: dict, manifest_dir: str, data_root: str, tokenizer_dir: str,
+                  base_llm_dir: str, out_dir: str, state_root: str, run_info: dict) -> dict:
+    if stage.get("import"):
+        return import_whisper_encoder(stage["import"], model_params, out_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    embeddings = AutoModelForCausalLM.from_pretrained(base_llm_dir).get_input_embeddings().weight.detach()
+    if embeddings.shape[0] != len(tokenizer):
+        raise ValueError(f"{base_llm_dir}: the base LLM has {embeddings.shape[0]} token embeddings but the tokenizer "
+                         f"{tokenizer_dir} has {len(tokenizer)} tokens; they must come from the same experiment")
+    enc = model_params["encoder"]
+    audio_config = FunAudioChatAudioConfig(
+        num_mel_bins=enc["num_mel_bins"], d_model=enc["d_model"], encoder_layers=enc["encoder_layers"],
+        encoder_attention_heads=enc["encoder_attention_heads"], encoder_ffn_dim=enc["encoder_ffn_dim"],
+        n_window=enc["n_window"], max_source_positions=enc["max_source_positions"],
+        output_dim=model_params["llm"]["hidden_size"])
+    features = FeatureCache(data_root, enc["num_mel_bins"])
+    train = TranscriptData(manifest_dir, list(stage.get("data", {})), features, tokenizer)
+    cfg = StageConfig.from_params(resolve_steps(stage, len(train.records)))
+    torch.manual_seed(cfg.seed)
+    model = CTCRecognizer(audio_config, embeddings)
+    trainer = Trainer(model, cfg, ctc_loss, lambda step: train.batch(step, cfg.batch_size, cfg.seed),
+                      Path(state_root) / f"encoder-{fingerprint(stage, model_params, manifests_identity(manifest_dir, cfg.data), files_identity(Path(tokenizer_dir) / 'tokenizer.json'), _identity(base_llm_dir))}",
+                      "encoder", run_info)
+    summary = trainer.train()
+    metrics = {}
+    for name, key in (("asr_test", "encoder_wer"), ("asr_test_unseen_voices", "encoder_wer_unseen_voices")):
+        metrics[key] = word_error_rate_of(model, TranscriptData(manifest_dir, [name], features, tokenizer), tokenizer)
+    log.info("encoder: %s", metrics)
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    audio_config.to_json_file(str(tmp / "config.json"))
+    write_json(metrics, tmp / "metrics.json")
+    write_json(summary, tmp / "train_summary.json")
+    (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in trainer.history))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    trainer.finish()
+    return {**summary, **metrics}
+
+
+# --------------------------------------------------------------------------------------- DRSR model
+
+
+def init_model(model_params: dict, base_llm_dir: str, encoder_dir: str, tokenizer_dir: str,
+               speech_tokenizer_dir: str, out_dir: str, seed: int) -> dict:
+    """Assemble the DRSR model: the base LLM and the pretrained encoder; adapter and SRH freshly initialised."""
+    from safetensors.torch import load_file
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = model_config(model_params, tokenizer, speech_codebook_size(speech_tokenizer_dir))
+    torch.manual_seed(seed)
+    model = FunAudioChatForConditionalGeneration(config)
+    llm = AutoModelForCausalLM.from_pretrained(base_llm_dir)
+    model.language_model.load_state_dict(llm.state_dict(), strict=True)
+    enc_state = load_file(str(Path(encoder_dir) / "model.safetensors"))
+    tower = {k.removeprefix("continuous_audio_tower."): v for k, v in enc_state.items()
+             if k.startswith("continuous_audio_tower.")}
+    model.continuous_audio_tower.load_state_dict(tower, strict=True)
+    # The encoder already speaks the LLM's embedding space: the adapter starts as the identity.
+    with torch.no_grad():
+        model.audio_tower.continual_output_matching.weight.copy_(torch.eye(config.audio_config.output_dim))
+    _save_with_tokenizer(model, tokenizer, out_dir, {"stage": "init", "base_llm": base_llm_dir, "encoder": encoder_dir})
+    return {"parameters": sum(p.numel() for p in model.parameters())}
+
+
+def drsr_loss(model, batch):
+    out = model(**batch)
+    return out.loss, {"text_loss": out.text_loss.item(), "speech_loss": out.speech_loss.item()}
+
+
+def train_drsr(name: str, stage: dict, model_dir: str, manifest_dir: str, data_root: str, out_dir: str,
+               state_root: str, run_info: dict) -> dict:
+    """Pre-alignment, stage 1 or stage 2: the same loop, different trainable parameters, data and schedule."""
+    model = load_checkpoint(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    special = SpecialIds.from_tokenizer(tokenizer, model.config)
+    features = FeatureCache(data_root, model.config.audio_config.num_mel_bins)
+    data = SpokenData(manifest_dir, stage.get("data", {}), features, tokenizer, special,
+                      model.config.audio_config.group_size)
+    cfg = StageConfig.from_params(resolve_steps(stage, sum(len(r) for r in data.records.values())))
+    trainer = Trainer(model, cfg, drsr_loss, lambda step: data.batch(step, cfg.batch_size, cfg.seed),
+                      Path(state_root) / f"{name}-{fingerprint(stage, _identity(model_dir), manifests_identity(manifest_dir, cfg.data))}",
+                      name, run_info)
+    summary = trainer.train()
+    _save_with_tokenizer(model, tokenizer, out_dir, summary)
+    write_history(trainer, out_dir)
+    trainer.finish()
+    return summary
+
+
+def text_identity(world_dir, tokenizer_dir) -> str:
+    world = Path(world_dir)
+    return files_identity(world / "corpus.txt", world / "text_qa.jsonl", Path(tokenizer_dir) / "tokenizer.json")
+
+
+def manifests_identity(manifest_dir, names) -> str:
+    return files_identity(*[Path(manifest_dir) / f"{name}.jsonl" for name in sorted(names)])
+
+
+def _identity(model_dir: str) -> str:
+    """Identity of an input checkpoint for the resume fingerprint: its path and size and mtime of its weights."""
+    weights = Path(model_dir) / "model.safetensors"
+    stat = weights.stat()
+    return f"{model_dir}:{stat.st_size}:{stat.st_mtime_ns}"

@@ -1,0 +1,161 @@
+# The training half: base LLM and tiny ASR encoder (the components the paper takes pretrained),
+# the assembled DRSR model, pre-alignment, Core-Cocktail (stage 1, merge, stage 2), and evaluation of
+# every stage. Checkpoints are declared as folders; resume points live in results/<exp>/state/, which
+# no rule declares (Snakemake deletes declared outputs before it reruns a job).
+
+
+rule base_llm:
+    input:
+        corpus=rules.world.output.corpus,
+        text_qa=rules.world.output.text_qa,
+        tokenizer=rules.text_tokenizer.output.tokenizer,
+    output:
+        directory(f"{RESULTS}/checkpoints/base_llm"),
+    params:
+        cfg=as_json({"stage": config["base_llm"], "model": {"llm": config["model"]["llm"]}}),
+        world=input_folder_of("corpus"),
+        tokenizer=input_folder_of("tokenizer"),
+        run=run_flags,
+    threads: config["threads"]
+    conda:
+        ENV
+    log:
+        f"{LOGS}/train/base_llm.log",
+    benchmark:
+        f"{BENCH}/train/base_llm.tsv"
+    shell:
+        "fac train base-llm --params {params.cfg} --world {params.world} --tokenizer {params.tokenizer}"
+        " --out {output} --threads {threads} {params.run} 2> {log}"
+
+
+rule encoder:
+    input:
+        manifests=rules.manifests.output.counts,
+        tokenizer=rules.text_tokenizer.output.tokenizer,
+        base_llm=rules.base_llm.output[0],
+    output:
+        directory(f"{RESULTS}/checkpoints/encoder"),
+    params:
+        cfg=as_json({"stage": config["encoder"], "model": encoder_model_params()}),
+        manifests=input_folder_of("manifests"),
+        tokenizer=input_folder_of("tokenizer"),
+        root=data_root,
+        run=run_flags,
+    threads: config["threads"]
+    conda:
+        ENV
+    log:
+        f"{LOGS}/train/encoder.log",
+    benchmark:
+        f"{BENCH}/train/encoder.tsv"
+    shell:
+        "fac train encoder --params {params.cfg} --manifests {params.manifests} --data-root {params.root}"
+        " --tokenizer {params.tokenizer} --base-llm {input.base_llm} --out {output} --threads {threads}"
+        " {params.run} 2> {log}"
+
+
+rule init_model:
+    input:
+        base_llm=rules.base_llm.output[0],
+        encoder=rules.encoder.output[0],
+        tokenizer=rules.text_tokenizer.output.tokenizer,
+        speech_tokenizer=rules.speech_tokenizer.output[0],
+    output:
+        directory(f"{RESULTS}/checkpoints/init"),
+    params:
+        cfg=as_json({"model": config["model"], "seed": config["seed"]}),
+        tokenizer=input_folder_of("tokenizer"),
+    conda:
+        ENV
+    log:
+        f"{LOGS}/train/init_model.log",
+    shell:
+        "fac train init --params {params.cfg} --base-llm {input.base_llm} --encoder {input.encoder}"
+        " --tokenizer {params.tokenizer} --speech-tokenizer {input.speech_tokenizer} --out {output} 2> {log}"
+
+
+rule train_drsr:
+    """Pre-alignment, stage 1 and stage 2: one trainer, configured by the stage's params slice."""
+    input:
+        model=drsr_input_of,
+        manifests=rules.manifests.output.counts,
+    output:
+        directory(f"{RESULTS}/checkpoints/{{stage}}"),
+    wildcard_constraints:
+        stage="|".join(DRSR_STAGES),
+    params:
+        cfg=drsr_params,
+        manifests=input_folder_of("manifests"),
+        root=data_root,
+        run=run_flags,
+    threads: config["threads"]
+    conda:
+        ENV
+    log:
+        f"{LOGS}/train/{{stage}}.log",
+    benchmark:
+        f"{BENCH}/train/{{stage}}.tsv"
+    shell:
+        "fac train {wildcards.stage} --params {params.cfg} --model {input.model} --manifests {params.manifests}"
+        " --data-root {params.root} --out {output} --threads {threads} {params.run} 2> {log}"
+
+
+rule merge:
+    input:
+        base=f"{RESULTS}/checkpoints/prealign",
+        stage1=f"{RESULTS}/checkpoints/stage1",
+    output:
+        directory(f"{RESULTS}/checkpoints/merged"),
+    params:
+        alpha=config["merge"]["alpha"],
+        per_module=merge_per_module,
+    conda:
+        ENV
+    log:
+        f"{LOGS}/train/merge.log",
+    shell:
+        "fac merge --base {input.base} --other {input.stage1} --alpha {params.alpha} {params.per_module}"
+        " --out {output} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        model=checkpoint_of_stage,
+        world=rules.world.output.text_qa,
+        manifests=rules.manifests.output.counts,
+    output:
+        f"{RESULTS}/eval/{{stage}}.json",
+    wildcard_constraints:
+        stage="|".join(EVAL_STAGES),
+    params:
+        world=input_folder_of("world"),
+        manifests=input_folder_of("manifests"),
+        root=data_root,
+    threads: config["threads"]
+    conda:
+        ENV
+    log:
+        f"{LOGS}/eval/{{stage}}.log",
+    benchmark:
+        f"{BENCH}/eval/{{stage}}.tsv"
+    shell:
+        "fac eval --stage {wildcards.stage} --model {input.model} --world {params.world}"
+        " --manifests {params.manifests} --data-root {params.root} --out {output} --threads {threads} 2> {log}"
+
+
+rule metrics:
+    input:
+        stages=expand(f"{RESULTS}/eval/{{stage}}.json", stage=EVAL_STAGES),
+        encoder=rules.encoder.output[0],
+    output:
+        json=f"{RESULTS}/metrics.json",
+        table=f"{RESULTS}/metrics.md",
+    params:
+        inputs=metrics_inputs,
+    conda:
+        ENV
+    log:
+        f"{LOGS}/eval/metrics.log",
+    shell:
+        "fac metrics --inputs {params.inputs} --extra encoder={input.encoder}/metrics.json"
+        " --out {output.json} --table {output.table} > {log} 2>&1"

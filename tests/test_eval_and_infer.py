@@ -1,0 +1,175 @@
+"""Evaluation and inference: answers are scored on their first real word, the speech-token accuracy is the
+SRH's teacher-forced code accuracy, and `fac infer` answers a wav with a DRSR checkpoint or fails clearly."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3Config
+
+from fac.cli import main
+from fac.eval.metrics import first_word, speech_token_accuracy
+from fac.model import FunAudioChatForConditionalGeneration, FunAudioChatGenerateOutput, load_checkpoint
+from fac.model.processing import IGNORE_INDEX, SpecialIds
+from fac.train.data import FeatureCache, SpokenData
+from train_fixtures import CODEBOOK, one_thread, run_fac, save_random_drsr, tiny_world  # noqa: F401 (fixtures)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_world):
+    return tiny_world.tokenizer()
+
+
+@pytest.fixture(scope="module")
+def drsr_dir(tiny_world, tmp_path_factory):
+    """A tiny randomly initialised DRSR checkpoint with the world's text tokenizer saved beside it."""
+    folder = tmp_path_factory.mktemp("drsr") / "model"
+    save_random_drsr(tiny_world, folder, seed=7)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+def test_first_word_drops_special_tokens(tokenizer):
+    ids = tokenizer.encode("<|audio_bos|><|sil|>paris tea<|im_end|><|endoftext|>", add_special_tokens=False)
+    assert first_word(tokenizer, ids) == "paris"
+
+
+def test_first_word_of_only_special_tokens_is_empty(tokenizer):
+    ids = tokenizer.encode("<|im_end|><|endoftext|>", add_special_tokens=False)
+    assert first_word(tokenizer, ids) == ""
+
+
+@pytest.fixture(scope="module")
+def spoken_test(tiny_world, tokenizer, drsr_dir):
+    model = load_checkpoint(drsr_dir)
+    special = SpecialIds.from_tokenizer(tokenizer, model.config)
+    data = SpokenData(tiny_world.manifest_dir, {"spoken_qa_train": 1.0}, FeatureCache(tiny_world.data_root, 80),
+                      tokenizer, special, model.config.audio_config.group_size)
+    return model, data
+
+
+def force_speech_logits(model, monkeypatch, predict):
+    """Replace the SRH's logits by one-hot logits of `predict(target)`, target being the code each sub-frame
+    is trained to predict (speech label q + G for sub-frame q)."""
+    forward = type(model).forward
+    g = model.config.audio_config.group_size
+    codebook = model.config.audio_config.codebook_size
+
+    def forced(**batch):
+        out = forward(model, **batch)
+        target = torch.nn.functional.pad(out.speech_labels[:, g:], (0, g), value=IGNORE_INDEX)
+        out.speech_logits = torch.nn.functional.one_hot(predict(target).clamp(min=0), codebook).float()
+        return out
+
+    monkeypatch.setattr(model, "forward", forced)
+
+
+def test_speech_token_accuracy_is_one_when_the_srh_predicts_every_code(spoken_test, monkeypatch):
+    model, data = spoken_test
+    force_speech_logits(model, monkeypatch, lambda target: target)
+    assert speech_token_accuracy(model, data, "spoken_qa_train") == 1.0
+
+
+def test_speech_token_accuracy_counts_codes_only_not_delay_or_eos_tokens(spoken_test, monkeypatch):
+    model, data = spoken_test
+    bos = model.config.audio_config.bos_token_id
+    # Right on every code, wrong (code 0) wherever the target is the delay token or the speech eos.
+    force_speech_logits(model, monkeypatch, lambda target: torch.where(target >= bos, 0, target))
+    assert speech_token_accuracy(model, data, "spoken_qa_train") == 1.0
+
+
+def test_speech_token_accuracy_of_a_model_one_code_late_is_low(spoken_test, monkeypatch):
+    model, data = spoken_test
+    # Predicting the code before the target (the one the SRH is fed) is not credited.
+    force_speech_logits(model, monkeypatch, lambda target: target.roll(1, dims=1))
+    assert speech_token_accuracy(model, data, "spoken_qa_train") < 0.25
+
+
+def test_speech_token_accuracy_of_a_random_model_is_near_chance(spoken_test):
+    model, data = spoken_test
+    assert speech_token_accuracy(model, data, "spoken_qa_train") < 4 / CODEBOOK  # chance is 1/16
+
+
+# ------------------------------------------------------------------------------------------- fac infer
+
+
+def test_fac_infer_s2m_prints_text_and_speech_tokens_as_json(tiny_world, tokenizer, drsr_dir):
+    proc = run_fac("infer", "--model", str(drsr_dir), "--audio", str(tiny_world.wavs[0]), "--mode", "s2m",
+                   "--json", "--max-new-tokens", "6")
+    assert proc.returncode == 0
+    result = json.loads(proc.stdout)
+    assert {"text", "text_ids", "speech_tokens"} <= result.keys()
+    assert result["text_ids"] and all(isinstance(i, int) for i in result["text_ids"])
+    assert result["text_ids"][0] == tokenizer.convert_tokens_to_ids("<|audio_bos|>")  # s2m opens a speech span
+    assert result["text"] == tokenizer.decode(result["text_ids"], skip_special_tokens=True).strip()
+    assert all(isinstance(c, int) and 0 <= c < CODEBOOK for c in result["speech_tokens"])  # below the speech bos
+
+
+def test_fac_infer_reports_the_generated_codes_below_the_speech_bos(tiny_world, tokenizer, drsr_dir, monkeypatch,
+                                                                   capsys):
+    # Speech ids as the SRH emits them: 10 delay tokens (bos 16), codes, then eos 17 (and pad 18).
+    speech = [16] * 10 + [3, 7, 15, 0, 9] + [17] * 4 + [18]
+    text = tokenizer.encode("<|audio_bos|>paris<|audio_eos|><|im_end|>", add_special_tokens=False)
+
+    def generate(self, **kwargs):
+        assert kwargs["mode"] == "s2m"
+        return FunAudioChatGenerateOutput(text_ids=torch.tensor([text]), speech_ids=torch.tensor([speech]))
+
+    monkeypatch.setattr(FunAudioChatForConditionalGeneration, "generate_speech_text", generate)
+    rc = main(["infer", "--model", str(drsr_dir), "--audio", str(tiny_world.wavs[0]), "--mode", "s2m", "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["speech_tokens"] == [3, 7, 15, 0, 9]
+    assert result["text"] == "paris" and result["text_ids"] == text
+
+
+def test_fac_infer_on_a_corrupt_wav_exits_2_naming_the_file(drsr_dir, tmp_path, capsys):
+    wav = tmp_path / "broken.wav"
+    wav.write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt not really a wav file")
+    rc = main(["infer", "--model", str(drsr_dir), "--audio", str(wav)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "fac infer: error:" in err and str(wav) in err
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tokenizer, tmp_path_factory):
+    """A plain tiny Qwen3 checkpoint (another model type) with the world's tokenizer."""
+    folder = tmp_path_factory.mktemp("qwen3") / "model"
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_fac_infer_on_a_checkpoint_of_another_model_names_its_model_type(tiny_world, qwen3_dir, capsys):
+    rc = main(["infer", "--model", str(qwen3_dir), "--audio", str(tiny_world.wavs[0])])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "model_type is 'qwen3'" in err and "funaudiochat" in err and str(qwen3_dir) in err
+
+
+# ------------------------------------------------------------------------------------------- fac eval
+
+
+def fac_eval(world, model_dir, out) -> int:
+    return main(["eval", "--stage", "test", "--model", str(model_dir), "--world", str(world.world_dir),
+                 "--manifests", str(world.manifest_dir), "--data-root", str(world.data_root), "--out", str(out)])
+
+
+def test_fac_eval_of_a_drsr_checkpoint_writes_every_metric_as_a_fraction(tiny_world, drsr_dir, tmp_path):
+    assert fac_eval(tiny_world, drsr_dir, tmp_path / "metrics.json") == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics.keys() == {"spoken_qa_acc", "spoken_qa_acc_unseen_voices", "text_qa_acc", "speech_token_acc"}
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+
+
+def test_fac_eval_of_a_plain_llm_writes_text_qa_only(tiny_world, qwen3_dir, tmp_path):
+    assert fac_eval(tiny_world, qwen3_dir, tmp_path / "metrics.json") == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics.keys() == {"text_qa_acc"} and 0.0 <= metrics["text_qa_acc"] <= 1.0

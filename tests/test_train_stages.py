@@ -1,0 +1,139 @@
+"""Training stages: the encoder's output length in closed form, CTC greedy decoding, the DRSR model assembled
+from the base LLM and the encoder, pre-alignment that leaves the LLM untouched and stage 1 that trains it."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fac.model.configuration import FunAudioChatAudioConfig
+from fac.model.encoder import FunAudioChatContinuousEncoder
+from fac.train import stages
+from fac.train.stages import CTCRecognizer, encoder_output_lengths
+from train_fixtures import one_thread, tiny_world  # noqa: F401 (fixtures)
+
+PREALIGN = ["continuous_audio_tower", "audio_tower", "audio_invert_tower"]
+N_WINDOW = 50  # chunks of 100 mel frames
+
+
+def audio_config(**overrides) -> FunAudioChatAudioConfig:
+    kwargs = dict(num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+                  n_window=N_WINDOW, max_source_positions=1500, output_dim=32, codebook_size=20,
+                  bos_token_id=16, eos_token_id=17, pad_token_id=18)
+    return FunAudioChatAudioConfig(**{**kwargs, **overrides})
+
+
+# ------------------------------------------------------------------------------------------- encoder
+
+
+@pytest.mark.parametrize("frames", [[1, 2, 3, 4], [37, 60, 99, 100], [101, 150, 199, 200], [201, 257, 300, 333]])
+def test_encoder_output_lengths_equal_the_rows_the_encoder_fills(frames):
+    # Shorter than, equal to and longer than one chunk of 2 * n_window frames; odd and even lengths.
+    torch.manual_seed(0)
+    encoder = FunAudioChatContinuousEncoder(audio_config()).eval()
+    longest = max(frames)
+    features = torch.randn(len(frames), 80, longest)
+    mask = (torch.arange(longest)[None, :] < torch.tensor(frames)[:, None]).long()
+    with torch.no_grad():
+        out = encoder(features, mask, output_length=longest)  # room for every row the encoder could fill
+    filled = (out.abs().sum(-1) != 0).sum(-1)
+    assert encoder_output_lengths(torch.tensor(frames), N_WINDOW).tolist() == filled.tolist()
+
+
+def test_encoder_output_lengths_in_closed_form():
+    # chunk of c frames -> (c - 1) // 2 + 1 frames at 50 Hz; the audio's frames pooled in pairs to 25 Hz.
+    lengths = encoder_output_lengths(torch.tensor([1, 2, 3, 100, 101, 103, 200, 250]), N_WINDOW)
+    assert lengths.tolist() == [1, 1, 1, 25, 25, 26, 50, 62]
+
+
+def test_ctc_greedy_collapses_repeats_and_drops_blanks_within_each_clip_length():
+    model = CTCRecognizer(audio_config(), torch.randn(5, audio_config().output_dim))  # blank id 5
+    paths = torch.tensor([[1, 1, 5, 1, 2, 2, 5, 5, 3],
+                          [4, 4, 4, 5, 0, 2, 2, 2, 2]])
+    lengths = torch.tensor([9, 5])  # the second clip's frames past 5 are padding
+    model.forward = lambda features, mask: (torch.nn.functional.one_hot(paths, 6).float(), lengths)
+    assert model.greedy(None, None) == [[1, 1, 2, 3], [4, 0]]
+
+
+# ------------------------------------------------------------------------------------------- DRSR stages
+
+
+@pytest.fixture(scope="module")
+def recipe(tiny_world, tmp_path_factory):
+    """The recipe's first stages on the tiny world: base LLM, encoder, init, pre-alignment, stage 1."""
+    base = tmp_path_factory.mktemp("recipe")
+    w = tiny_world
+    state = base / "state"
+    stages.train_base_llm({"steps": 2, "lr": 3e-3, "batch_size": 2, "seed": 1}, w.model_params, w.world_dir,
+                          w.tokenizer_dir, base / "base_llm", state, {})
+    stages.train_encoder({"steps": 2, "lr": 1e-3, "batch_size": 2, "seed": 2, "data": {"asr_train": 1.0}},
+                         w.model_params, w.manifest_dir, w.data_root, w.tokenizer_dir, str(base / "base_llm"),
+                         base / "encoder", state, {})
+    stages.init_model(w.model_params, str(base / "base_llm"), str(base / "encoder"), str(w.tokenizer_dir),
+                      str(w.speech_tokenizer_dir), str(base / "init"), seed=3)  # str paths, as the CLI passes
+    stages.train_drsr("prealign", {"trainable": PREALIGN, "data": {"asr_train": 1.0, "spoken_qa_train": 1.0},
+                                   "steps": 3, "lr": 1e-3, "batch_size": 2, "seed": 4},
+                      str(base / "init"), w.manifest_dir, w.data_root, base / "prealign", state, {})
+    stages.train_drsr("stage1", {"trainable": [""], "data": {"spoken_qa_train": 1.0}, "steps": 2, "lr": 1e-3,
+                                 "batch_size": 2, "seed": 5},
+                      str(base / "prealign"), w.manifest_dir, w.data_root, base / "stage1", state, {})
+    return base
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def changed(before: dict, after: dict, prefix: str) -> dict[str, bool]:
+    return {n: not torch.equal(before[n], after[n]) for n in before if n.startswith(prefix + ".")}
+
+
+def test_init_copies_the_base_llm_bit_exactly_into_language_model(recipe):
+    llm, init = weights(recipe / "base_llm"), weights(recipe / "init")
+    copied = {n.removeprefix("language_model."): t for n, t in init.items() if n.startswith("language_model.")}
+    assert copied.keys() == llm.keys()
+    assert [n for n in llm if not torch.equal(copied[n], llm[n])] == []
+
+
+def test_init_copies_the_encoder_bit_exactly_into_continuous_audio_tower(recipe):
+    encoder, init = weights(recipe / "encoder"), weights(recipe / "init")
+    tower = {n: t for n, t in encoder.items() if n.startswith("continuous_audio_tower.")}
+    assert {n for n in init if n.startswith("continuous_audio_tower.")} == tower.keys()
+    assert [n for n in tower if not torch.equal(init[n], tower[n])] == []
+    assert {n.split(".")[0] for n in encoder} == {"continuous_audio_tower", "blank_head", "logit_scale"}  # CTC parts stay out
+
+
+def test_prealignment_keeps_every_llm_tensor_bit_identical(recipe):
+    before, after = weights(recipe / "init"), weights(recipe / "prealign")
+    llm = changed(before, after, "language_model")
+    assert llm and not any(llm.values())
+
+
+@pytest.mark.parametrize("module", PREALIGN)
+def test_prealignment_trains_encoder_adapter_and_srh(recipe, module):
+    before, after = weights(recipe / "init"), weights(recipe / "prealign")
+    tensors = changed(before, after, module)
+    # Every tensor that takes part in the forward pass moved; the official checkpoint's unused
+    # audio_bos_eos_token embedding gets no gradient.
+    unchanged = [n for n, moved in tensors.items() if not moved]
+    assert tensors and unchanged == (["continuous_audio_tower.audio_bos_eos_token.weight"]
+                                     if module == "continuous_audio_tower" else [])
+
+
+def test_stage1_with_every_parameter_trainable_changes_every_llm_tensor(recipe):
+    before, after = weights(recipe / "prealign"), weights(recipe / "stage1")
+    llm = changed(before, after, "language_model")
+    assert llm and all(llm.values())
+
+
+
+def test_encoder_ctc_scores_frames_against_the_base_llms_embeddings(recipe):
+    """The CTC word logits are the encoder output times the (frozen) LLM input embeddings."""
+    from transformers import AutoModelForCausalLM
+
+    embeddings = AutoModelForCausalLM.from_pretrained(recipe / "base_llm").get_input_embeddings().weight
+    model = CTCRecognizer(audio_config(), embeddings)
+    features = torch.randn(1, 80, 120)
+    logits, lengths = model(features, torch.ones(1, 120, dtype=torch.long))
+    hidden = model.continuous_audio_tower(features, torch.ones(1, 120, dtype=torch.long), int(lengths[0]))
+    assert logits.shape[-1] == embeddings.shape[0] + 1
+    assert torch.allclose(logits[..., :-1], hidden @ embeddings.T, atol=1e-5)
