@@ -8,6 +8,7 @@ import math
 import os
 import re
 import statistics
+import sys
 import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -241,7 +242,8 @@ def _histogram(rates: list[float]) -> dict[str, int]:
 def _judge(utterances: list[dict], wav_dir: Path, recognizer: Recognizer, max_wer: float, desc: str,
            position: int = 0) -> list[dict]:
     judged = []
-    for utterance in tqdm(utterances, desc=desc, unit="clip", position=position):
+    # Stacked bars (one per worker) only on a terminal: in a rule's log they would print cursor codes.
+    for utterance in tqdm(utterances, desc=desc, unit="clip", position=position if sys.stderr.isatty() else None):
         for key in ("path", "text"):
             if key not in utterance:
                 raise ValueError(f"utterance {utterance.get('id', utterance)!r} lacks {key!r}; expected keys path and text")
