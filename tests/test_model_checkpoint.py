@@ -16,7 +16,9 @@ from transformers import AutoConfig, AutoModel
 
 from fac.model import FunAudioChatConfig, FunAudioChatForConditionalGeneration, build_config, load_checkpoint
 
-FIXTURE = Path(__file__).parent / "data" / "conformance"
+from conftest import CONFORMANCE_DIR  # noqa: E402
+
+FIXTURE = CONFORMANCE_DIR
 TINY = {
     "llm": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
             "head_dim": 16, "intermediate_size": 64, "vocab_size": 300, "rope_theta": 10000.0},
@@ -28,14 +30,7 @@ TINY = {
     "special_ids": {"pad": 256, "eos": 258, "audio": 259, "audio_bos": 260, "audio_eos": 261, "sil": 263},
 }
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; more only adds contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,12 @@ import torch
 from fac.model import FunAudioChatForConditionalGeneration, build_config
 from fac.model.processing import SpecialIds, build_example, collate
 
-FIXTURE = Path(__file__).parent / "data" / "conformance"
+from conftest import CONFORMANCE_DIR  # noqa: E402
+
+FIXTURE = CONFORMANCE_DIR
 USER_FRAMES, ASSISTANT_CODES, DELAY = 90, 27, 10  # 0.9 s of user audio -> 22 placeholder tokens
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; more only adds contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_params(group_size: int = 5, moe: bool = False) -> dict:

@@ -13,18 +13,13 @@ from safetensors.torch import load_file
 
 from fac.model import FunAudioChatForConditionalGeneration, check_checkpoint
 
-FIXTURE = Path(__file__).parent / "data" / "conformance"
+from conftest import CONFORMANCE_DIR  # noqa: E402
+
+FIXTURE = CONFORMANCE_DIR
 LOGITS_TOL = dict(atol=1e-4, rtol=1e-4)  # logits and hidden states, from the fixture README
 LOSS_ATOL = 1e-5
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; more only adds contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

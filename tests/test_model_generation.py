@@ -13,17 +13,12 @@ from safetensors.torch import load_file
 
 from fac.model import FunAudioChatForConditionalGeneration
 
-FIXTURE = Path(__file__).parent / "data" / "conformance"
+from conftest import CONFORMANCE_DIR  # noqa: E402
+
+FIXTURE = CONFORMANCE_DIR
 OFFICIAL_SAMPLING = dict(speech_do_sample=True, temperature=0.8, top_p=0.9, top_k=0, repetition_penalty=1.2)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; more only adds contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
