@@ -99,7 +99,7 @@ def _train(args) -> None:
                                        args.base_llm, args.out, args.state_root, _run_info(args))
     elif args.stage == "init":
         summary = stages.init_model(p["model"], args.base_llm, args.encoder, args.tokenizer, args.speech_tokenizer,
-                                    args.out, p["seed"])
+                                    args.manifests, args.data_root, args.out, p["seed"])
     else:
         summary = stages.train_drsr(args.name or args.stage, p["stage"], args.model, args.manifests,
                                     args.data_root, args.out, args.state_root, _run_info(args))

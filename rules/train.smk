@@ -60,18 +60,22 @@ rule init_model:
         encoder=rules.encoder.output[0],
         tokenizer=rules.text_tokenizer.output.tokenizer,
         speech_tokenizer=rules.speech_tokenizer.output[0],
+        manifests=rules.manifests.output.counts,
     output:
         directory(f"{RESULTS}/checkpoints/init"),
     params:
         cfg=as_json({"model": config["model"], "seed": config["seed"]}),
         tokenizer=input_folder_of("tokenizer"),
+        manifests=input_folder_of("manifests"),
+        root=data_root,
     conda:
         ENV
     log:
         f"{LOGS}/train/init_model.log",
     shell:
         "fac train init --params {params.cfg} --base-llm {input.base_llm} --encoder {input.encoder}"
-        " --tokenizer {params.tokenizer} --speech-tokenizer {input.speech_tokenizer} --out {output} 2> {log}"
+        " --tokenizer {params.tokenizer} --speech-tokenizer {input.speech_tokenizer}"
+        " --manifests {params.manifests} --data-root {params.root} --out {output} 2> {log}"
 
 
 rule train_drsr:

@@ -1,6 +1,8 @@
 """Training stages: the encoder's output length in closed form, CTC greedy decoding, the DRSR model assembled
 from the base LLM and the encoder, pre-alignment that leaves the LLM untouched and stage 1 that trains it."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -69,7 +71,8 @@ def recipe(tiny_world, tmp_path_factory):
                          w.model_params, w.manifest_dir, w.data_root, w.tokenizer_dir, str(base / "base_llm"),
                          base / "encoder", state, {})
     stages.init_model(w.model_params, str(base / "base_llm"), str(base / "encoder"), str(w.tokenizer_dir),
-                      str(w.speech_tokenizer_dir), str(base / "init"), seed=3)  # str paths, as the CLI passes
+                      str(w.speech_tokenizer_dir), str(w.manifest_dir), str(w.data_root), str(base / "init"),
+                      seed=3)  # str paths, as the CLI passes
     stages.train_drsr("prealign", {"trainable": PREALIGN, "data": {"asr_train": 1.0, "spoken_qa_train": 1.0},
                                    "steps": 3, "lr": 1e-3, "batch_size": 2, "seed": 4},
                       str(base / "init"), w.manifest_dir, w.data_root, base / "prealign", state, {})
@@ -137,3 +140,15 @@ def test_encoder_ctc_scores_frames_against_the_base_llms_embeddings(recipe):
     hidden = model.continuous_audio_tower(features, torch.ones(1, 120, dtype=torch.long), int(lengths[0]))
     assert logits.shape[-1] == embeddings.shape[0] + 1
     assert torch.allclose(logits[..., :-1], hidden @ embeddings.T, atol=1e-5)
+
+
+def test_init_scales_the_adapter_so_audio_features_match_word_embedding_length(recipe, tiny_world):
+    """The continuous features reach the LLM at the length of its word embeddings (not tens of times longer)."""
+    from fac.model import load_checkpoint
+
+    model = load_checkpoint(recipe / "init")
+    scale = json.loads((recipe / "init" / "train_summary.json").read_text())["adapter_scale"]
+    weight = model.audio_tower.continual_output_matching.weight
+    assert torch.allclose(weight, scale * torch.eye(weight.shape[0]))
+    assert stages.feature_scale(model, tiny_world.manifest_dir, tiny_world.data_root) == pytest.approx(
+        scale, rel=1e-5)

@@ -313,8 +313,29 @@ def train_encoder(stage: dict, model_params: dict, manifest_dir: str, data_root:
 # --------------------------------------------------------------------------------------- DRSR model
 
 
+def feature_scale(model, manifest_dir: str, data_root: str, clips: int = 64) -> float:
+    """LLM word-embedding norm / continuous-feature norm, measured on training clips.
+
+    The CTC-trained encoder emits vectors tens of times longer than the LLM's word embeddings (measured
+    17.8 vs 0.44); fed as they are, they swamp the residual stream, and an identity adapter moves far too
+    slowly under AdamW to shrink them (spoken QA stayed at chance). The adapter starts at this scale.
+    """
+    records = load_records(manifest_dir, "asr_train")[:clips]
+    features = FeatureCache(data_root, model.config.audio_config.num_mel_bins)
+    norms = []
+    with torch.no_grad():
+        for record in records:
+            feats = features(SpokenRecord(record, "asr_train").user_path)[None]  # [1, M, T]
+            mask = torch.ones(1, feats.shape[-1], dtype=torch.long)
+            length = int(encoder_output_lengths(mask.sum(-1), model.config.audio_config.n_window)[0])
+            hidden = model.continuous_audio_tower(feats, mask, length)[0]  # [n, H]
+            norms.append(hidden.norm(dim=-1).mean())
+        embedding_norm = model.get_input_embeddings().weight.norm(dim=-1).mean()
+    return float(embedding_norm / torch.stack(norms).mean())
+
+
 def init_model(model_params: dict, base_llm_dir: str, encoder_dir: str, tokenizer_dir: str,
-               speech_tokenizer_dir: str, out_dir: str, seed: int) -> dict:
+               speech_tokenizer_dir: str, manifest_dir: str, data_root: str, out_dir: str, seed: int) -> dict:
     """Assemble the DRSR model: the base LLM and the pretrained encoder; adapter and SRH freshly initialised."""
     from safetensors.torch import load_file
 
@@ -328,11 +349,15 @@ def init_model(model_params: dict, base_llm_dir: str, encoder_dir: str, tokenize
     tower = {k.removeprefix("continuous_audio_tower."): v for k, v in enc_state.items()
              if k.startswith("continuous_audio_tower.")}
     model.continuous_audio_tower.load_state_dict(tower, strict=True)
-    # The encoder already speaks the LLM's embedding space: the adapter starts as the identity.
+    # The encoder already points along the LLM's word embeddings: the adapter starts as a scaled identity
+    # that brings its features to the embeddings' length.
+    scale = feature_scale(model, manifest_dir, data_root)
     with torch.no_grad():
-        model.audio_tower.continual_output_matching.weight.copy_(torch.eye(config.audio_config.output_dim))
-    _save_with_tokenizer(model, tokenizer, out_dir, {"stage": "init", "base_llm": base_llm_dir, "encoder": encoder_dir})
-    return {"parameters": sum(p.numel() for p in model.parameters())}
+        model.audio_tower.continual_output_matching.weight.copy_(scale * torch.eye(config.audio_config.output_dim))
+    log.info("init: adapter = %.4f x identity (word-embedding norm / encoder feature norm)", scale)
+    _save_with_tokenizer(model, tokenizer, out_dir, {"stage": "init", "base_llm": base_llm_dir, "encoder": encoder_dir,
+                                                     "adapter_scale": scale})
+    return {"parameters": sum(p.numel() for p in model.parameters()), "adapter_scale": scale}
 
 
 def drsr_loss(model, batch):
