@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from fac.model import check_checkpoint, load_checkpoint
-from fac.train.trainer import shared_aliases
+from fac.train.trainer import atomic_folder, shared_aliases
 
 
 def alpha_for(name: str, alpha: float, per_module: dict[str, float] | None) -> float:
@@ -41,7 +41,8 @@ def merge_checkpoints(base_dir: str | Path, other_dir: str | Path, alpha: float,
                       per_module: dict[str, float] | None = None) -> dict:
     """Merge two DRSR checkpoint folders (same config) and save the result with the base's tokenizer."""
     import json
-    import shutil
+
+    from transformers import AutoTokenizer
 
     base_cfg, other_cfg = check_checkpoint(base_dir), check_checkpoint(other_dir)
     if base_cfg.to_diff_dict() != other_cfg.to_diff_dict():
@@ -60,16 +61,10 @@ def merge_checkpoints(base_dir: str | Path, other_dir: str | Path, alpha: float,
     if set(missing) - aliases or unexpected:
         raise RuntimeError(f"merge of {base_dir} and {other_dir} left tensors {sorted(set(missing) - aliases)[:3]} "
                            f"unset or unexpected {unexpected[:3]}")
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    base.save_pretrained(tmp)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (Path(base_dir) / name).is_file():
-            shutil.copy(Path(base_dir) / name, tmp / name)
     info = {"stage": "merge", "alpha": alpha, "per_module": per_module or {}, "base": str(base_dir),
             "other": str(other_dir)}
-    (tmp / "merge.json").write_text(json.dumps(info, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_folder(out_dir) as tmp:
+        base.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
+        (tmp / "merge.json").write_text(json.dumps(info, indent=2))
     return info

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -21,9 +20,9 @@ from fac.data.steps import write_json
 from fac.model import FunAudioChatForConditionalGeneration, build_config, load_checkpoint
 from fac.model.configuration import FunAudioChatAudioConfig
 from fac.model.encoder import FunAudioChatContinuousEncoder
-from fac.model.processing import SpecialIds, collate
+from fac.model.processing import SpecialIds
 from fac.train.data import FeatureCache, SpokenData, SpokenRecord, TextData, encode_text, load_records
-from fac.train.trainer import StageConfig, Trainer, files_identity, fingerprint, step_rng
+from fac.train.trainer import StageConfig, Trainer, atomic_folder, files_identity, fingerprint, step_rng
 
 log = logging.getLogger("fac.train")
 
@@ -68,15 +67,14 @@ def model_config(model_params: dict, tokenizer, codebook_size: int):
     return build_config(params)
 
 
-def _save_with_tokenizer(model, tokenizer, out_dir: str | Path, summary: dict) -> None:
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_json(summary, tmp / "train_summary.json")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+def _save_with_tokenizer(model, tokenizer, out_dir: str | Path, summary: dict, history: list | None = None) -> None:
+    """A Hugging Face checkpoint folder with the tokenizer, the training summary and the loss history."""
+    with atomic_folder(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(summary, tmp / "train_summary.json")
+        if history is not None:
+            write_history(history, tmp)
 
 
 # --------------------------------------------------------------------------------------- base LLM
@@ -110,14 +108,13 @@ def train_base_llm(stage: dict, model_params: dict, world_dir: str, tokenizer_di
                       Path(state_root) / f"base_llm-{fingerprint(stage, model_params, text_identity(world_dir, tokenizer_dir))}",
                       "base_llm", run_info)
     summary = trainer.train()
-    _save_with_tokenizer(model, tokenizer, out_dir, summary)
-    write_history(trainer, out_dir)
+    _save_with_tokenizer(model, tokenizer, out_dir, summary, trainer.history)
     trainer.finish()
     return summary
 
 
-def write_history(trainer: Trainer, out_dir: str | Path) -> None:
-    (Path(out_dir) / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in trainer.history))
+def write_history(history: list[dict], out_dir: str | Path) -> None:
+    (Path(out_dir) / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 
 
 # --------------------------------------------------------------------------------------- encoder (tiny ASR)
@@ -293,19 +290,14 @@ def train_encoder(stage: dict, model_params: dict, manifest_dir: str, data_root:
     for name, key in (("asr_test", "encoder_wer"), ("asr_test_unseen_voices", "encoder_wer_unseen_voices")):
         metrics[key] = word_error_rate_of(model, TranscriptData(manifest_dir, [name], features, tokenizer), tokenizer)
     log.info("encoder: %s", metrics)
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    audio_config.to_json_file(str(tmp / "config.json"))
-    write_json(metrics, tmp / "metrics.json")
-    write_json(summary, tmp / "train_summary.json")
-    (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in trainer.history))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_folder(out_dir) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        audio_config.to_json_file(str(tmp / "config.json"))
+        write_json(metrics, tmp / "metrics.json")
+        write_json(summary, tmp / "train_summary.json")
+        write_history(trainer.history, tmp)
     trainer.finish()
     return {**summary, **metrics}
 
@@ -379,8 +371,7 @@ def train_drsr(name: str, stage: dict, model_dir: str, manifest_dir: str, data_r
                       Path(state_root) / f"{name}-{fingerprint(stage, _identity(model_dir), manifests_identity(manifest_dir, cfg.data))}",
                       name, run_info)
     summary = trainer.train()
-    _save_with_tokenizer(model, tokenizer, out_dir, summary)
-    write_history(trainer, out_dir)
+    _save_with_tokenizer(model, tokenizer, out_dir, summary, trainer.history)
     trainer.finish()
     return summary
 
