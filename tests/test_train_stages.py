@@ -56,6 +56,46 @@ def test_ctc_greedy_collapses_repeats_and_drops_blanks_within_each_clip_length()
     assert model.greedy(None, None) == [[1, 1, 2, 3], [4, 0]]
 
 
+def test_group_frames_is_the_mean_the_drsr_adapter_receives():
+    # The DRSR model averages G continuous frames per slot, zero padding counted (conformance quirk 4).
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 7, 3)
+    grouped, lengths = stages.group_frames(hidden, torch.tensor([7, 4]), 5)
+    assert grouped.shape == (2, 2, 3) and lengths.tolist() == [2, 1]
+    assert torch.allclose(grouped[:, 0], hidden[:, :5].mean(1))
+    assert torch.allclose(grouped[:, 1], hidden[:, 5:].sum(1) / 5)  # two real frames over a divisor of 5
+    same, same_lengths = stages.group_frames(hidden, torch.tensor([7, 4]), 1)
+    assert same is hidden and same_lengths.tolist() == [7, 4]
+
+
+def test_ctc_recognizer_with_groups_scores_one_logit_row_per_slot():
+    model = CTCRecognizer(audio_config(), torch.randn(5, audio_config().output_dim), group_size=5)
+    frames = torch.tensor([100, 60])
+    features = torch.randn(2, 80, 100)
+    mask = (torch.arange(100)[None, :] < frames[:, None]).long()
+    logits, lengths = model(features, mask)
+    per_frame = encoder_output_lengths(frames, N_WINDOW)  # 25 Hz frames: [25, 15]
+    assert lengths.tolist() == [(n + 4) // 5 for n in per_frame.tolist()] == [5, 3]
+    assert logits.shape == (2, 5, 6)
+
+
+def test_spec_augment_masks_within_each_clip_and_replays_from_the_same_rng():
+    import random
+
+    torch.manual_seed(0)
+    features = torch.randn(2, 80, 50)
+    lengths = torch.tensor([50, 30])
+    masks = dict(freq_masks=2, freq_width=10, time_masks=2, time_width=8)
+    a, b = features.clone(), features.clone()
+    stages.spec_augment(a, lengths, random.Random(7), **masks)
+    stages.spec_augment(b, lengths, random.Random(7), **masks)
+    assert torch.equal(a, b)  # a resumed run masks the same bins
+    assert not torch.equal(a, features)
+    assert torch.equal(a[1, :, 30:], features[1, :, 30:])  # padding past a clip is left alone
+    changed_bins = ((a[0] != features[0]).all(dim=1)).sum()  # a masked band covers all frames
+    assert 0 < changed_bins <= 20
+
+
 # ------------------------------------------------------------------------------------------- DRSR stages
 
 
