@@ -239,7 +239,7 @@ def spec_augment(features: torch.Tensor, lengths: torch.Tensor, rng, freq_masks:
 def ctc_loss(model: CTCRecognizer, batch: dict):
     logits, lengths = model(batch["input_features"], batch["feature_attention_mask"])
     log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # [T, A, V+1]
-    targets = torch.cat([torch.tensor(t, dtype=torch.long) for t in batch["targets"]])
+    targets = torch.cat([torch.tensor(t, dtype=torch.long) for t in batch["targets"]]).to(log_probs.device)
     target_lengths = torch.tensor([len(t) for t in batch["targets"]])
     loss = F.ctc_loss(log_probs, targets, lengths, target_lengths, blank=model.blank, zero_infinity=True)
     return loss, {}

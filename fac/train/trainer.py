@@ -81,6 +81,19 @@ def set_trainable(model: torch.nn.Module, prefixes: list[str]) -> tuple[int, int
     return trainable, total
 
 
+def to_device(batch, device):
+    """A batch (dict/list of tensors, None and plain values) on `device`; unchanged when device is None."""
+    if device is None:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
 def fingerprint(*parts) -> str:
     """A short hash of everything that decides a stage's result (params, inputs' identities)."""
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -111,6 +124,14 @@ class Trainer:
         self.run_info = run_info or {}
         if cfg.precision != "fp32" and not torch.cuda.is_available():
             log.warning("%s: precision %s requested without a GPU; training in fp32", name, cfg.precision)
+        # The torch backend trains on the GPU when there is one (weights and optimizer state in fp32, the
+        # forward under autocast for bf16/fp16); DeepSpeed places the model itself.
+        self.device = torch.device("cuda") if cfg.backend == "torch" and torch.cuda.is_available() else None
+        if self.device is not None:
+            model.to(self.device)
+        self.autocast_dtype = ({"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+                               if self.device is not None else None)
+        self.grad_scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.trainable, self.total = set_trainable(model, cfg.trainable)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -147,6 +168,7 @@ class Trainer:
         save_file(dedupe_shared(state), str(tmp / "model.safetensors"))
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if self.device is not None else None,
                     "python_rng": random.getstate()}, tmp / "optim.pt")
         (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in self.history))
         (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "stage": self.name}))
@@ -176,10 +198,12 @@ class Trainer:
         if real_missing or unexpected:
             raise RuntimeError(f"{last}: resume state does not fit the model (missing {real_missing[:3]}, "
                                f"unexpected {unexpected[:3]}); delete {self.state_dir} to start over")
-        extra = torch.load(last / "optim.pt", weights_only=False)
+        extra = torch.load(last / "optim.pt", weights_only=False, map_location="cpu")
         self.optimizer.load_state_dict(extra["optimizer"])
         self.scheduler.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["torch_rng"])
+        if self.device is not None and extra.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(extra["cuda_rng"])
         np.random.set_state(extra["numpy_rng"])
         random.setstate(extra["python_rng"])
         self.history = [json.loads(line) for line in (last / "history.jsonl").read_text().splitlines() if line]
@@ -209,22 +233,31 @@ class Trainer:
                 # Every rank its own micro-batches, a pure function of (step, rank): resuming replays them.
                 batch = self.batch_fn((self.step * cfg.grad_accum + micro) * self.world_size + self.rank)
                 if self.ds is None:
-                    loss, parts = self.loss_fn(self.model, batch)
+                    with torch.autocast("cuda", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                        loss, parts = self.loss_fn(self.model, to_device(batch, self.device))
                 else:
                     loss, parts = self.loss_fn(self.ds.engine, self.ds.to_device(batch))
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"{self.name}: loss is {loss.item()} at step {self.step}; lower the lr "
                                        "or check the data")
-                if self.ds is None:
+                if self.grad_scaler is not None:
+                    self.grad_scaler.scale(loss / cfg.grad_accum).backward()
+                elif self.ds is None:
                     (loss / cfg.grad_accum).backward()
                 else:
                     self.ds.backward_step(loss)  # optimizer and schedule step at the accumulation boundary
                 for key, value in {"loss": loss.item(), **parts}.items():
                     totals[key] = totals.get(key, 0.0) + float(value) / cfg.grad_accum
             if self.ds is None:
+                if self.grad_scaler is not None:
+                    self.grad_scaler.unscale_(self.optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
-                self.optimizer.step()
+                if self.grad_scaler is not None:
+                    self.grad_scaler.step(self.optimizer)
+                    self.grad_scaler.update()
+                else:
+                    self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             else:
