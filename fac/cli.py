@@ -97,6 +97,16 @@ def _train(args) -> None:
     elif args.stage == "encoder":
         summary = stages.train_encoder(p["stage"], p["model"], args.manifests, args.data_root, args.tokenizer,
                                        args.base_llm, args.out, args.state_root, _run_info(args))
+    elif args.stage == "preferences":
+        from fac.train.dpo import build_preferences
+
+        summary = build_preferences(args.model, args.manifests, args.data_root, args.world, args.out,
+                                    seed=p.get("seed", 0), max_per_dimension=p["stage"].get("max_pairs_per_dimension"))
+    elif args.stage == "dpo":
+        from fac.train.dpo import train_dpo
+
+        summary = train_dpo(p["stage"], args.model, args.pairs, args.data_root, args.out, args.state_root,
+                            _run_info(args))
     elif args.stage == "init":
         summary = stages.init_model(p["model"], args.base_llm, args.encoder, args.tokenizer, args.speech_tokenizer,
                                     args.manifests, args.data_root, args.out, p["seed"])
@@ -178,11 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     train = sub.add_parser("train", help="one training stage")
-    train.add_argument("stage", choices=["base-llm", "encoder", "init", "prealign", "stage1", "stage2"])
+    train.add_argument("stage", choices=["base-llm", "encoder", "init", "prealign", "stage1", "stage2",
+                                         "preferences", "dpo"])
     train.add_argument("--params", type=parse_params, required=True,
                        help='inline JSON {"stage": {...}, "model": {...}, "seed": N}, or FILE.yaml:section')
     for opt in ("--world", "--tokenizer", "--speech-tokenizer", "--manifests", "--data-root", "--base-llm",
-                "--encoder", "--model", "--name"):
+                "--encoder", "--model", "--name", "--pairs"):
         train.add_argument(opt)
     train.add_argument("--out", required=True)
     train.add_argument("--state-root", default="results/state", help="where resume points live (undeclared)")

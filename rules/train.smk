@@ -122,6 +122,54 @@ rule merge:
         " --out {output} > {log} 2>&1"
 
 
+rule preferences:
+    """Preference pairs for multi-task DPO from the stage-2 model's own answers and the world's truth."""
+    input:
+        model=f"{RESULTS}/checkpoints/stage2",
+        world=rules.world.output.text_qa,
+        manifests=rules.manifests.output.counts,
+    output:
+        f"{RESULTS}/data/preferences.jsonl",
+    params:
+        cfg=as_json({"stage": config["dpo"], "seed": config["seed"]}),
+        world=input_folder_of("world"),
+        manifests=input_folder_of("manifests"),
+        root=data_root,
+    threads: config["threads"]
+    conda:
+        ENV
+    log:
+        f"{LOGS}/train/preferences.log",
+    benchmark:
+        f"{BENCH}/train/preferences.tsv"
+    shell:
+        "fac train preferences --params {params.cfg} --model {input.model} --world {params.world}"
+        " --manifests {params.manifests} --data-root {params.root} --out {output} --threads {threads} 2> {log}"
+
+
+rule dpo:
+    """Multi-task DPO: policy and frozen reference both start as the stage-2 model."""
+    input:
+        model=f"{RESULTS}/checkpoints/stage2",
+        pairs=rules.preferences.output[0],
+    output:
+        directory(f"{RESULTS}/checkpoints/dpo"),
+    params:
+        cfg=as_json({"stage": config["dpo"]}),
+        root=data_root,
+        run=run_flags,
+    threads: config["threads"]
+    conda:
+        ENV
+    log:
+        f"{LOGS}/train/dpo.log",
+    benchmark:
+        f"{BENCH}/train/dpo.tsv"
+    shell:
+        "fac train dpo --params {params.cfg} --model {input.model} --pairs {input.pairs}"
+        " --data-root {params.root} --out {output} --threads {threads} {params.run} 2> {log}"
+
+
 rule evaluate:
     input:
         model=checkpoint_of_stage,

@@ -8,7 +8,7 @@ from workflow_helpers import BIN, ROOT, env, planned_jobs, snakemake
 
 DATA_RULES = {"world", "text_tokenizer", "tts", "asr_lm", "asr_filter", "noisy", "speech_tokenizer",
               "speech_tokens", "manifests", "data_report"}
-TRAIN_RULES = {"base_llm", "encoder", "init_model", "train_drsr", "merge", "evaluate", "metrics"}
+TRAIN_RULES = {"base_llm", "encoder", "init_model", "train_drsr", "merge", "preferences", "dpo", "evaluate", "metrics"}
 
 
 def test_lint_is_clean():
@@ -21,8 +21,8 @@ def test_dry_run_of_the_default_dag_plans_every_stage(tmp_path):
     jobs = planned_jobs(snakemake(tmp_path, "-n", overlays=()))
     assert set(jobs) == DATA_RULES | TRAIN_RULES | {"all"}
     assert jobs["train_drsr"] == 3  # pre-alignment, stage 1, stage 2
-    assert jobs["evaluate"] == 5  # base_llm, prealign, stage1, merged, stage2
-    assert all(jobs[rule] == 1 for rule in DATA_RULES | {"base_llm", "encoder", "init_model", "merge", "metrics"})
+    assert jobs["evaluate"] == 6  # base_llm, prealign, stage1, merged, stage2, dpo
+    assert all(jobs[rule] == 1 for rule in DATA_RULES | {"base_llm", "encoder", "init_model", "merge", "preferences", "dpo", "metrics"})
 
 
 def test_invalid_params_stop_before_any_job(tmp_path):
@@ -87,11 +87,11 @@ def test_changing_the_wer_threshold_keeps_synthesis(micro_run):
 
 def test_whole_dag_writes_per_stage_metrics(micro_run):
     metrics = json.loads((micro_run / "results/micro/metrics.json").read_text())
-    assert list(metrics) == ["base_llm", "prealign", "stage1", "merged", "stage2", "encoder"]
+    assert list(metrics) == ["base_llm", "prealign", "stage1", "merged", "stage2", "dpo", "encoder"]
     assert set(metrics["base_llm"]) == {"text_qa_acc"}
-    for stage in ("prealign", "stage1", "merged", "stage2"):
+    for stage in ("prealign", "stage1", "merged", "stage2", "dpo"):
         assert set(metrics[stage]) == {"spoken_qa_acc", "spoken_qa_acc_unseen_voices", "text_qa_acc",
-                                       "speech_token_acc"}
+                                       "speech_token_acc", "spoken_qa_acc_noisy", "emotion_acc", "empathy_acc"}
         assert all(0.0 <= v <= 1.0 for v in metrics[stage].values())
     assert set(metrics["encoder"]) == {"encoder_wer", "encoder_wer_unseen_voices"}
     assert "| stage |" in (micro_run / "results/micro/metrics.md").read_text()
@@ -99,8 +99,19 @@ def test_whole_dag_writes_per_stage_metrics(micro_run):
     assert merged["alpha"] == 0.5
 
 
+def test_dpo_trains_on_pairs_of_three_dimensions_and_logs_rewards(micro_run):
+    pairs = [json.loads(line) for line in (micro_run / "results/micro/data/preferences.jsonl").read_text().splitlines()]
+    assert {p["dimension"] for p in pairs} == {"robustness", "audio_understanding", "empathy"}
+    assert all(p["chosen"]["text"] != p["rejected"]["text"] for p in pairs)
+    history = [json.loads(line) for line in
+               (micro_run / "results/micro/checkpoints/dpo/history.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and {"loss", "reward_margin", "reward_accuracy"} <= set(history[0])
+    # Policy == reference at the first step: every pair's loss is log 2, margins 0.
+    assert abs(history[0]["loss"] - 0.693147) < 1e-4 and abs(history[0]["reward_margin"]) < 1e-4
+
+
 def test_changing_merge_alpha_reruns_only_the_merge_and_what_follows(micro_run):
     proc = snakemake(micro_run, "-n", overlays=overlay(micro_run, "merge:\n  alpha: 0.7\n"))
     jobs = planned_jobs(proc)
-    assert set(jobs) == {"merge", "train_drsr", "evaluate", "metrics", "all"}
-    assert jobs["train_drsr"] == 1 and jobs["evaluate"] == 2  # stage 2; merged and stage 2 re-evaluated
+    assert set(jobs) == {"merge", "train_drsr", "preferences", "dpo", "evaluate", "metrics", "all"}
+    assert jobs["train_drsr"] == 1 and jobs["evaluate"] == 3  # stage 2; merged, stage 2 and DPO re-evaluated

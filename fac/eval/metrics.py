@@ -1,7 +1,10 @@
-"""Evaluation of every stage's checkpoint on the tiny world: spoken QA, text QA, speech-token accuracy.
+"""Evaluation of every stage's checkpoint on the tiny world: spoken QA, text QA, speech-token accuracy and
+one metric per DPO dimension the world has test data for.
 
 spoken_qa_acc asks the test facts (known only from text) aloud; text_qa_acc asks every fact in text (the
-base LLM's knowledge, retained or forgotten); speech_token_acc is the SRH's teacher-forced code accuracy.
+base LLM's knowledge, retained or forgotten); speech_token_acc is the SRH's teacher-forced code accuracy;
+spoken_qa_acc_noisy (robustness) asks them at 10 dB SNR; emotion_acc (audio understanding) and empathy_acc
+(voice empathy) use the emotion clips of the test split.
 """
 from __future__ import annotations
 
@@ -63,6 +66,27 @@ def spoken_qa_accuracy(model, data: SpokenData, name: str, tokenizer) -> float:
     return correct / len(records)
 
 
+NOISY_TEST = "spoken_qa_test_snr10"  # the test facts' questions with noise at 10 dB SNR (robustness)
+
+
+@torch.no_grad()
+def paralinguistic_accuracy(model, data: SpokenData, name: str, tokenizer) -> dict:
+    """Emotion clips (neutral words; emotion carried by rate, pitch and loudness only):
+    `emotion_acc`: asked how the speaker sounds, the first word is the emotion (audio understanding);
+    `empathy_acc`: the spoken reply's text is the one that fits the emotion (voice empathy)."""
+    from fac.train.dpo import AUDIO_QUESTION_PROMPT
+
+    model.eval()
+    records = data.records[name]
+    emotion = empathy = 0
+    for rec in tqdm(records, desc=f"paralinguistic {name}", unit="clip"):
+        asked = model.generate_speech_text(**data.prompt(rec, AUDIO_QUESTION_PROMPT), mode="s2t", max_new_tokens=3)
+        emotion += first_word(tokenizer, asked.text_ids[0].tolist()) == rec.meta["emotion"]
+        reply = model.generate_speech_text(**data.prompt(rec), mode="s2t", max_new_tokens=8)
+        empathy += tokenizer.decode(reply.text_ids[0].tolist(), skip_special_tokens=True).strip() == rec.meta["reply"]
+    return {"emotion_acc": emotion / len(records), "empathy_acc": empathy / len(records)}
+
+
 @torch.no_grad()
 def speech_token_accuracy(model, data: SpokenData, name: str, batch_size: int = 16) -> float:
     """Teacher-forced SRH accuracy on the speech codes of the answers (delay and eos tokens excluded)."""
@@ -93,7 +117,8 @@ def evaluate(stage: str, model_dir: str, world_dir: str, manifest_dir: str, data
     special = SpecialIds.from_tokenizer(tokenizer, model.config)
     features = FeatureCache(data_root, model.config.audio_config.num_mel_bins)
     names = ["spoken_qa_test", "spoken_qa_test_unseen_voices"]
-    data = SpokenData(manifest_dir, {n: 1.0 for n in names}, features, tokenizer, special,
+    optional = [n for n in (NOISY_TEST, "paraling_test") if (Path(manifest_dir) / f"{n}.jsonl").is_file()]
+    data = SpokenData(manifest_dir, {n: 1.0 for n in names + optional}, features, tokenizer, special,
                       model.config.audio_config.group_size)
     metrics = {
         "spoken_qa_acc": spoken_qa_accuracy(model, data, "spoken_qa_test", tokenizer),
@@ -101,6 +126,11 @@ def evaluate(stage: str, model_dir: str, world_dir: str, manifest_dir: str, data
         "text_qa_acc": text_qa_accuracy(model.language_model, tokenizer, world_dir),
         "speech_token_acc": speech_token_accuracy(model, data, "spoken_qa_test"),
     }
+    # One metric per DPO dimension the tiny world has test data for (robustness, audio understanding, empathy).
+    if NOISY_TEST in optional:
+        metrics["spoken_qa_acc_noisy"] = spoken_qa_accuracy(model, data, NOISY_TEST, tokenizer)
+    if "paraling_test" in optional:
+        metrics.update(paralinguistic_accuracy(model, data, "paraling_test", tokenizer))
     log.info("%s: %s", stage, metrics)
     return metrics
 

@@ -1,0 +1,309 @@
+"""Multi-task DPO (the paper's third stage): preference pairs on four dimensions, sigmoid DPO loss.
+
+A pair is one user clip with a chosen and a rejected assistant reply. Replies are scored by their whole
+log-probability under the model: the text stream's tokens plus, for spoken replies, the SRH's speech codes
+(teacher forced, exactly the tokens the training losses score), so text and speech outputs both take part.
+
+    loss_i = w_d(i) * -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
+
+with pi the policy's and ref the frozen reference's sequence log-probs, w_d the weight of the pair's
+dimension (all 1: the mean equals TRL's sigmoid DPO loss; tests/test_train_dpo.py checks that against
+TRL itself). The reference is the stage-2 model; its log-probs are computed once, before training, and
+kept beside the resume points.
+
+Preference pairs come from the stage-2 model's own outputs and the world's ground truth:
+- robustness: noisy copies of training questions; the correct answer (text and speech) chosen over the
+  model's own wrong answer (another value of the attribute, drawn, when the model answered right);
+- audio_understanding: an emotion clip with the question how the speaker sounds; the emotion carried
+  by prosody chosen over the model's wrong guess (text);
+- empathy: an emotion clip whose words are neutral; the reply that fits the emotion (text and speech)
+  chosen over the reply that fits another one;
+- instruction_following is one of the paper's dimensions; the tiny world has no style-instructed
+  speech yet, so no pairs of it are built (its weight is accepted and unused).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from fac.data.text_tokenizer import SYSTEM_PROMPTS
+from fac.model import load_checkpoint
+from fac.model.processing import IGNORE_INDEX, SpecialIds, build_example, collate
+from fac.train.data import FeatureCache, SpokenRecord, encode_text, load_records
+from fac.train.trainer import StageConfig, Trainer, atomic_folder, files_identity, fingerprint, step_rng
+
+log = logging.getLogger("fac.train")
+
+DIMENSIONS = ("robustness", "instruction_following", "audio_understanding", "empathy")
+AUDIO_QUESTION_PROMPT = "You are asked to tell how the speaker sounds."
+
+
+# ----------------------------------------------------------------------------------------------- the loss
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, weights: torch.Tensor | None = None):
+    """Sigmoid DPO on sequence log-probs [N]: (weighted mean loss, per-pair losses, chosen and rejected rewards)."""
+    chosen_rewards = beta * (policy_chosen - ref_chosen)
+    rejected_rewards = beta * (policy_rejected - ref_rejected)
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    weighted = losses if weights is None else losses * weights
+    return weighted.mean(), losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def sequence_logps(model, batch: dict) -> torch.Tensor:
+    """Summed log-probs [B] of every scored target of each row: reply text tokens and speech codes."""
+    out = model(**batch)
+    g = model.config.audio_config.group_size
+    text_labels = out.text_labels[:, 1:]
+    text_logits = out.text_logits[:, :-1].float()
+    mask = text_labels != IGNORE_INDEX
+    text = torch.gather(text_logits.log_softmax(-1), 2, text_labels.clamp(min=0)[..., None])[..., 0]
+    total = (text * mask).sum(-1)
+    if out.speech_logits is not None and out.speech_labels is not None:
+        targets = F.pad(out.speech_labels[:, g:], (0, g), value=IGNORE_INDEX)  # sub-frame q predicts label q+G
+        smask = targets != IGNORE_INDEX
+        speech = torch.gather(out.speech_logits.float().log_softmax(-1), 2, targets.clamp(min=0)[..., None])[..., 0]
+        total = total + (speech * smask).sum(-1)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------- pairs
+
+
+class Reply:
+    """An assistant reply: text and, when spoken, its 25 Hz speech codes."""
+
+    def __init__(self, text: str, codes: list[int] | None):
+        self.text, self.codes = text, codes
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "codes": self.codes}
+
+
+def _spoken_replies(records: list[SpokenRecord]) -> dict[str, list[int]]:
+    """Reply text -> speech codes of its assistant clip (every value and reply is spoken by the assistant)."""
+    out = {}
+    for rec in records:
+        if rec.codes is not None and rec.text not in out:
+            out[rec.text] = list(rec.codes)
+    return out
+
+
+@torch.no_grad()
+def _generate_text(model, tokenizer, features: FeatureCache, rec: SpokenRecord, system: str, special, g) -> str:
+    from fac.model.processing import build_prompt
+
+    prompt = build_prompt(encode_text(tokenizer, system), features(rec.user_path), special, g)
+    out = model.generate_speech_text(**prompt, mode="s2t", max_new_tokens=6)
+    return tokenizer.decode(out.text_ids[0].tolist(), skip_special_tokens=True).strip()
+
+
+def build_preferences(model_dir: str, manifest_dir: str, data_root: str, world_dir: str, out_path: str,
+                      seed: int = 0, max_per_dimension: int | None = None) -> dict:
+    """Preference pairs of the three dimensions the tiny world has data for, from the model's own answers."""
+    from fac.train.stages import load_tokenizer
+
+    model = load_checkpoint(model_dir).eval()
+    tokenizer = load_tokenizer(model_dir)
+    special = SpecialIds.from_tokenizer(tokenizer, model.config)
+    g = model.config.audio_config.group_size
+    features = FeatureCache(data_root, model.config.audio_config.num_mel_bins)
+    rng = random.Random(seed)
+    qa = {json.loads(line)["id"]: json.loads(line)
+          for line in (Path(world_dir) / "text_qa.jsonl").read_text().splitlines() if line}
+    values: dict[str, set[str]] = {}
+    for pair in qa.values():
+        values.setdefault(pair["attribute"], set()).add(pair["answer"])
+
+    def load(name):
+        return [SpokenRecord(r, f"{manifest_dir}/{name}.jsonl") for r in load_records(manifest_dir, name)]
+
+    qa_train, noisy, paraling = load("spoken_qa_train"), load("spoken_qa_train_noisy"), load("paraling_train")
+    answer_codes = _spoken_replies(qa_train)
+    reply_codes = _spoken_replies(paraling)
+    pairs, counts = [], {d: {"pairs": 0, "model_wrong": 0} for d in DIMENSIONS}
+
+    def take(records):
+        records = list(records)
+        rng.shuffle(records)
+        return records[:max_per_dimension] if max_per_dimension else records
+
+    for rec in tqdm(take(noisy), desc="preferences robustness", unit="clip"):
+        answer, attribute = rec.meta["answer"], qa[rec.meta["qa"]]["attribute"]
+        said = _generate_text(model, tokenizer, features, rec, SYSTEM_PROMPTS["s2t"], special, g).split()
+        said = said[0] if said else ""
+        wrong = said != answer and said in answer_codes
+        rejected = said if wrong else rng.choice(sorted(values[attribute] - {answer}))
+        counts["robustness"]["model_wrong"] += wrong
+        pairs.append(_pair("robustness", rec, SYSTEM_PROMPTS["s2m"], Reply(answer, answer_codes.get(answer)),
+                           Reply(rejected, answer_codes.get(rejected)), said))
+    emotions = sorted({rec.meta["emotion"] for rec in paraling})
+    for rec in tqdm(take(paraling), desc="preferences audio understanding", unit="clip"):
+        emotion = rec.meta["emotion"]
+        said = _generate_text(model, tokenizer, features, rec, AUDIO_QUESTION_PROMPT, special, g).split()
+        said = said[0] if said else ""
+        wrong = said != emotion and said in emotions
+        counts["audio_understanding"]["model_wrong"] += wrong
+        rejected = said if wrong else rng.choice([e for e in emotions if e != emotion])
+        pairs.append(_pair("audio_understanding", rec, AUDIO_QUESTION_PROMPT, Reply(emotion, None),
+                           Reply(rejected, None), said))
+    replies = {rec.meta["emotion"]: rec.meta["reply"] for rec in paraling}
+    for rec in tqdm(take(paraling), desc="preferences empathy", unit="clip"):
+        fitting = rec.meta["reply"]
+        said = _generate_text(model, tokenizer, features, rec, SYSTEM_PROMPTS["s2m"], special, g)
+        wrong = said != fitting and said in replies.values()
+        counts["empathy"]["model_wrong"] += wrong
+        rejected = said if wrong else replies[rng.choice([e for e in emotions if e != rec.meta["emotion"]])]
+        pairs.append(_pair("empathy", rec, SYSTEM_PROMPTS["s2m"], Reply(fitting, reply_codes.get(fitting)),
+                           Reply(rejected, reply_codes.get(rejected)), said))
+    for pair in pairs:
+        counts[pair["dimension"]]["pairs"] += 1
+    if not pairs:
+        raise ValueError(f"{manifest_dir}: no preference pairs could be built (empty training manifests?)")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    tmp.replace(out)
+    return counts
+
+
+def _pair(dimension: str, rec: SpokenRecord, system: str, chosen: Reply, rejected: Reply, said: str) -> dict:
+    if (chosen.codes is None) != (rejected.codes is None):  # both spoken or both text
+        chosen, rejected = Reply(chosen.text, None), Reply(rejected.text, None)
+    return {"dimension": dimension, "system": system, "user_path": rec.user_path, "id": rec.meta.get("id"),
+            "chosen": chosen.to_json(), "rejected": rejected.to_json(), "model_said": said}
+
+
+def read_pairs(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no preference pairs (run the preferences rule first)")
+    pairs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            pair = json.loads(line)
+            if pair["dimension"] not in DIMENSIONS or not pair["chosen"]["text"] or not pair["rejected"]["text"]:
+                raise ValueError("unknown dimension or empty reply")
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}:{n}: not a preference pair ({error})") from error
+        pairs.append(pair)
+    if not pairs:
+        raise ValueError(f"{path}: no preference pairs")
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+class PairData:
+    """Chosen/rejected examples of each pair, batched as [chosen..., rejected...] with the reference log-probs."""
+
+    def __init__(self, pairs: list[dict], features: FeatureCache, tokenizer, special: SpecialIds, group_size: int,
+                 dimensions: dict[str, float]):
+        self.pairs = [p for p in pairs if dimensions.get(p["dimension"], 1.0) > 0]
+        if not self.pairs:
+            raise ValueError(f"every dimension with pairs has weight 0 (weights {dimensions})")
+        self.features, self.tokenizer, self.special, self.g = features, tokenizer, special, group_size
+        self.weights = [float(dimensions.get(p["dimension"], 1.0)) for p in self.pairs]
+        self.ref: list[tuple[float, float]] | None = None
+
+    def example(self, pair: dict, side: str):
+        reply = pair[side]
+        return build_example(encode_text(self.tokenizer, pair["system"]), self.features(pair["user_path"]),
+                             encode_text(self.tokenizer, reply["text"]), reply["codes"], self.special, self.g)
+
+    def batch_of(self, indices: list[int]) -> dict:
+        examples = [self.example(self.pairs[i], "chosen") for i in indices]
+        examples += [self.example(self.pairs[i], "rejected") for i in indices]
+        batch = collate(examples, self.special)
+        batch["pair_index"] = torch.tensor(indices)
+        return batch
+
+    def batch(self, step: int, batch_size: int, seed: int) -> dict:
+        rng = step_rng(seed, step)
+        return self.batch_of([rng.randrange(len(self.pairs)) for _ in range(batch_size)])
+
+
+@torch.no_grad()
+def reference_logps(model, data: PairData, batch_size: int = 8) -> list[tuple[float, float]]:
+    model.eval()
+    out = []
+    for start in tqdm(range(0, len(data.pairs), batch_size), desc="reference log-probs", unit="batch"):
+        idx = list(range(start, min(start + batch_size, len(data.pairs))))
+        batch = data.batch_of(idx)
+        batch.pop("pair_index")
+        logps = sequence_logps(model, batch)
+        n = len(idx)
+        out.extend(zip(logps[:n].tolist(), logps[n:].tolist()))
+    model.train()
+    return out
+
+
+def train_dpo(stage: dict, model_dir: str, pairs_path: str, data_root: str, out_dir: str, state_root: str,
+              run_info: dict) -> dict:
+    """DPO from the stage-2 model (policy initialised from it, reference = it, frozen, log-probs cached)."""
+    from fac.train.stages import _save_with_tokenizer, load_tokenizer, resolve_steps
+
+    model = load_checkpoint(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    special = SpecialIds.from_tokenizer(tokenizer, model.config)
+    features = FeatureCache(data_root, model.config.audio_config.num_mel_bins)
+    weights = {d: float(w) for d, w in (stage.get("dimension_weights") or {}).items()}
+    unknown = set(weights) - set(DIMENSIONS)
+    if unknown:
+        raise ValueError(f"dpo.dimension_weights: unknown dimension(s) {sorted(unknown)}; expected {DIMENSIONS}")
+    data = PairData(read_pairs(pairs_path), features, tokenizer, special, model.config.audio_config.group_size,
+                    weights)
+    beta = float(stage.get("beta", 0.1))
+    cfg = StageConfig.from_params(resolve_steps({k: v for k, v in stage.items() if k not in ("beta",)},
+                                                len(data.pairs)))
+    state_dir = Path(state_root) / f"dpo-{fingerprint(stage, files_identity(pairs_path), str(model_dir))}"
+    ref_file = state_dir / "reference_logps.json"
+    if ref_file.is_file():
+        data.ref = [tuple(x) for x in json.loads(ref_file.read_text())]
+    else:
+        data.ref = reference_logps(model, data)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = ref_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data.ref))
+        tmp.replace(ref_file)
+    if len(data.ref) != len(data.pairs):
+        raise RuntimeError(f"{ref_file}: {len(data.ref)} reference log-probs for {len(data.pairs)} pairs; delete it")
+    dims = sorted({p["dimension"] for p in data.pairs})
+
+    def loss_fn(m, batch):
+        index = batch.pop("pair_index").tolist()
+        logps = sequence_logps(m, batch)
+        n = len(index)
+        ref = torch.tensor([data.ref[i] for i in index], dtype=logps.dtype, device=logps.device)
+        w = torch.tensor([data.weights[i] for i in index], dtype=logps.dtype, device=logps.device)
+        loss, _, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref[:, 0], ref[:, 1], beta, w)
+        margin = chosen - rejected
+        parts = {"reward_margin": margin.mean().item(), "reward_accuracy": (margin > 0).float().mean().item(),
+                 "chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item()}
+        for d in dims:
+            sel = torch.tensor([data.pairs[i]["dimension"] == d for i in index], device=margin.device)
+            if sel.any():
+                parts[f"accuracy_{d}"] = (margin[sel] > 0).float().mean().item()
+        return loss, parts
+
+    trainer = Trainer(model, cfg, loss_fn, lambda step: data.batch(step, cfg.batch_size, cfg.seed), state_dir,
+                      "dpo", run_info)
+    summary = trainer.train()
+    summary["pairs"] = {d: sum(p["dimension"] == d for p in data.pairs) for d in dims}
+    _save_with_tokenizer(model, tokenizer, out_dir, summary, trainer.history)
+    trainer.finish()
+    return summary
+
+
+
