@@ -84,7 +84,6 @@ def _run_info(args) -> dict:
 
 
 def _train(args) -> None:
-    from fac.data.steps import write_json
     from fac.train import stages
     from fac.train.distributed import threads_per_process
 

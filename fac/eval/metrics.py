@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from fac.data.text_tokenizer import SYSTEM_PROMPTS
 from fac.model import load_checkpoint
 from fac.model.processing import IGNORE_INDEX, SpecialIds, collate
-from fac.train.data import FeatureCache, SpokenData, chat_ids, load_records
+from fac.train.data import FeatureCache, SpokenData, chat_ids
 from fac.train.stages import load_tokenizer
 
 log = logging.getLogger("fac.eval")

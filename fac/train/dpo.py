@@ -36,7 +36,7 @@ from fac.data.text_tokenizer import SYSTEM_PROMPTS
 from fac.model import load_checkpoint
 from fac.model.processing import IGNORE_INDEX, SpecialIds, build_example, collate
 from fac.train.data import FeatureCache, SpokenRecord, encode_text, load_records
-from fac.train.trainer import StageConfig, Trainer, atomic_folder, files_identity, fingerprint, step_rng
+from fac.train.trainer import StageConfig, Trainer, files_identity, fingerprint, step_rng
 
 log = logging.getLogger("fac.train")
 
