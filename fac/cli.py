@@ -146,6 +146,12 @@ def _metrics(args) -> None:
     print(markdown_table(table))
 
 
+def _report(args) -> None:
+    from fac.eval.report import build_report
+
+    print(json.dumps(build_report(args.results, args.experiment, args.out)))
+
+
 def _infer(args) -> None:
     from fac.eval.infer import answer
 
@@ -221,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     met.add_argument("--out", required=True)
     met.add_argument("--table", required=True)
     met.set_defaults(func=_metrics)
+
+    rep = sub.add_parser("report", help="the HTML report of an experiment (with every experiment beside it)")
+    rep.add_argument("--results", default="results", help="the folder holding results/<experiment>/")
+    rep.add_argument("--experiment", required=True)
+    rep.add_argument("--out", required=True)
+    rep.set_defaults(func=_report)
 
     infer = sub.add_parser("infer", help="answer one spoken question")
     infer.add_argument("--model", required=True)

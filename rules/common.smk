@@ -14,7 +14,8 @@ except ParamsError as err:
     raise WorkflowError(str(err))
 
 EXP = config["experiment"]
-RESULTS = f"results/{EXP}"
+RESULTS_ROOT = "results"
+RESULTS = f"{RESULTS_ROOT}/{EXP}"
 
 
 def check_before_running():
@@ -144,4 +145,4 @@ def run_flags(wildcards):
 
 
 def train_targets():
-    return [f"{RESULTS}/metrics.json", f"{RESULTS}/metrics.md"]
+    return [f"{RESULTS}/metrics.json", f"{RESULTS}/metrics.md", f"{RESULTS}/report.html"]

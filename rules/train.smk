@@ -211,3 +211,18 @@ rule metrics:
     shell:
         "fac metrics --inputs {params.inputs} --extra encoder={input.encoder}/metrics.json"
         " --out {output.json} --table {output.table} > {log} 2>&1"
+
+
+rule report:
+    """The HTML report: per-stage table, loss curves, DPO rewards, every experiment under results/ side by side."""
+    input:
+        metrics=rules.metrics.output.json,
+        checkpoints=[f"{RESULTS}/checkpoints/{stage}" for stage in ("base_llm", "prealign", "stage1", "stage2", "dpo")],
+    output:
+        f"{RESULTS}/report.html",
+    conda:
+        ENV
+    log:
+        f"{LOGS}/eval/report.log",
+    shell:
+        "fac report --results {RESULTS_ROOT} --experiment {EXP} --out {output} > {log} 2>&1"

@@ -8,7 +8,7 @@ from workflow_helpers import BIN, ROOT, env, planned_jobs, snakemake
 
 DATA_RULES = {"world", "text_tokenizer", "tts", "asr_lm", "asr_filter", "noisy", "speech_tokenizer",
               "speech_tokens", "manifests", "data_report"}
-TRAIN_RULES = {"base_llm", "encoder", "init_model", "train_drsr", "merge", "preferences", "dpo", "evaluate", "metrics"}
+TRAIN_RULES = {"base_llm", "encoder", "init_model", "train_drsr", "merge", "preferences", "dpo", "evaluate", "metrics", "report"}
 
 
 def test_lint_is_clean():
@@ -22,7 +22,7 @@ def test_dry_run_of_the_default_dag_plans_every_stage(tmp_path):
     assert set(jobs) == DATA_RULES | TRAIN_RULES | {"all"}
     assert jobs["train_drsr"] == 3  # pre-alignment, stage 1, stage 2
     assert jobs["evaluate"] == 6  # base_llm, prealign, stage1, merged, stage2, dpo
-    assert all(jobs[rule] == 1 for rule in DATA_RULES | {"base_llm", "encoder", "init_model", "merge", "preferences", "dpo", "metrics"})
+    assert all(jobs[rule] == 1 for rule in DATA_RULES | {"base_llm", "encoder", "init_model", "merge", "preferences", "dpo", "metrics", "report"})
 
 
 def test_invalid_params_stop_before_any_job(tmp_path):
@@ -88,13 +88,18 @@ def test_changing_the_wer_threshold_keeps_synthesis(micro_run):
 def test_whole_dag_writes_per_stage_metrics(micro_run):
     metrics = json.loads((micro_run / "results/micro/metrics.json").read_text())
     assert list(metrics) == ["base_llm", "prealign", "stage1", "merged", "stage2", "dpo", "encoder"]
-    assert set(metrics["base_llm"]) == {"text_qa_acc"}
+    efficiency = {"train_step_seconds", "train_tokens_per_second"}
+    assert set(metrics["base_llm"]) == {"text_qa_acc"} | efficiency
+    accuracies = {"spoken_qa_acc", "spoken_qa_acc_unseen_voices", "text_qa_acc", "speech_token_acc",
+                  "spoken_qa_acc_noisy", "emotion_acc", "empathy_acc"}
     for stage in ("prealign", "stage1", "merged", "stage2", "dpo"):
-        assert set(metrics[stage]) == {"spoken_qa_acc", "spoken_qa_acc_unseen_voices", "text_qa_acc",
-                                       "speech_token_acc", "spoken_qa_acc_noisy", "emotion_acc", "empathy_acc"}
-        assert all(0.0 <= v <= 1.0 for v in metrics[stage].values())
+        # merged is not trained (no step time); every trained stage reports its cost
+        assert set(metrics[stage]) == accuracies | (set() if stage == "merged" else efficiency)
+        assert all(0.0 <= metrics[stage][m] <= 1.0 for m in accuracies)
+        assert stage == "merged" or metrics[stage]["train_step_seconds"] > 0 < metrics[stage]["train_tokens_per_second"]
     assert set(metrics["encoder"]) == {"encoder_wer", "encoder_wer_unseen_voices"}
     assert "| stage |" in (micro_run / "results/micro/metrics.md").read_text()
+    assert "<h2>Per-stage metrics</h2>" in (micro_run / "results/micro/report.html").read_text()
     merged = json.loads((micro_run / "results/micro/checkpoints/merged/merge.json").read_text())
     assert merged["alpha"] == 0.5
 
@@ -113,5 +118,5 @@ def test_dpo_trains_on_pairs_of_three_dimensions_and_logs_rewards(micro_run):
 def test_changing_merge_alpha_reruns_only_the_merge_and_what_follows(micro_run):
     proc = snakemake(micro_run, "-n", overlays=overlay(micro_run, "merge:\n  alpha: 0.7\n"))
     jobs = planned_jobs(proc)
-    assert set(jobs) == {"merge", "train_drsr", "preferences", "dpo", "evaluate", "metrics", "all"}
+    assert set(jobs) == {"merge", "train_drsr", "preferences", "dpo", "evaluate", "metrics", "report", "all"}
     assert jobs["train_drsr"] == 1 and jobs["evaluate"] == 3  # stage 2; merged, stage 2 and DPO re-evaluated

@@ -112,7 +112,7 @@ def evaluate(stage: str, model_dir: str, world_dir: str, manifest_dir: str, data
     config = json.loads((Path(model_dir) / "config.json").read_text())
     if config.get("model_type") != "funaudiochat":
         llm = AutoModelForCausalLM.from_pretrained(model_dir)
-        return {"text_qa_acc": text_qa_accuracy(llm, tokenizer, world_dir)}
+        return {"text_qa_acc": text_qa_accuracy(llm, tokenizer, world_dir), **efficiency(model_dir)}
     model = load_checkpoint(model_dir)
     special = SpecialIds.from_tokenizer(tokenizer, model.config)
     features = FeatureCache(data_root, model.config.audio_config.num_mel_bins)
@@ -131,8 +131,24 @@ def evaluate(stage: str, model_dir: str, world_dir: str, manifest_dir: str, data
         metrics["spoken_qa_acc_noisy"] = spoken_qa_accuracy(model, data, NOISY_TEST, tokenizer)
     if "paraling_test" in optional:
         metrics.update(paralinguistic_accuracy(model, data, "paraling_test", tokenizer))
+    metrics.update(efficiency(model_dir))
     log.info("%s: %s", stage, metrics)
     return metrics
+
+
+def efficiency(model_dir: str | Path) -> dict:
+    """Training cost of the stage that wrote the checkpoint (its train_summary.json): mean optimizer-step
+    time and LLM input tokens per second. Checkpoints no training wrote (init, merge) have none."""
+    path = Path(model_dir) / "train_summary.json"
+    if not path.is_file():
+        return {}
+    summary = json.loads(path.read_text())
+    out = {}
+    if summary.get("step_seconds_mean") is not None:
+        out["train_step_seconds"] = float(summary["step_seconds_mean"])
+    if summary.get("tokens_per_second") is not None:
+        out["train_tokens_per_second"] = float(summary["tokens_per_second"])
+    return out
 
 
 def collect(stage_files: dict[str, str], extra: dict[str, str] | None = None) -> dict:

@@ -225,6 +225,7 @@ class Trainer:
         self.model.train()
         started = time.time()
         step_times = []
+        tokens = 0  # LLM input tokens (attention_mask) of this process's micro-batches, for tokens/s
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, unit="step", disable=self.rank != 0)
         while self.step < cfg.steps:
             t0 = time.time()
@@ -232,6 +233,8 @@ class Trainer:
             for micro in range(cfg.grad_accum):
                 # Every rank its own micro-batches, a pure function of (step, rank): resuming replays them.
                 batch = self.batch_fn((self.step * cfg.grad_accum + micro) * self.world_size + self.rank)
+                if isinstance(batch, dict) and isinstance(batch.get("attention_mask"), torch.Tensor):
+                    tokens += int(batch["attention_mask"].sum())
                 if self.ds is None:
                     with torch.autocast("cuda", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                         loss, parts = self.loss_fn(self.model, to_device(batch, self.device))
@@ -282,6 +285,8 @@ class Trainer:
         wall = time.time() - started
         summary = {"stage": self.name, "steps": cfg.steps, "wall_seconds": round(wall, 2),
                    "step_seconds_mean": round(float(np.mean(step_times)), 4) if step_times else None,
+                   "tokens_per_second": (round(tokens * self.world_size / sum(step_times), 1)
+                                         if tokens and step_times else None),
                    "trainable_parameters": self.trainable, "total_parameters": self.total,
                    "final": self.history[-1] if self.history else None}
         if self.ds is not None:

@@ -1,0 +1,146 @@
+"""The experiment report: one self-contained HTML page (plots embedded as PNG data URIs).
+
+Sections: the per-stage metrics table of the experiment, the loss curves of every trained stage (from the
+checkpoints' history.jsonl), DPO's reward margin and accuracy, and a comparison with every other experiment
+found under the same results folder (their metrics.json), as a table and a plot per headline metric.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HEADLINE = ["spoken_qa_acc", "spoken_qa_acc_unseen_voices", "text_qa_acc", "speech_token_acc"]
+TRAINED = ["base_llm", "encoder", "prealign", "stage1", "stage2", "dpo"]
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _histories(exp_dir: Path) -> dict[str, list[dict]]:
+    out = {}
+    for stage in TRAINED:
+        path = exp_dir / "checkpoints" / stage / "history.jsonl"
+        if path.is_file():
+            out[stage] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return out
+
+
+def _table(rows: dict[str, dict], metrics: list[str], row_label: str) -> str:
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
+    body = []
+    for name, row in rows.items():
+        cells = "".join(f"<td>{row[m]:.3f}</td>" if isinstance(row.get(m), (int, float)) else "<td></td>"
+                        for m in metrics)
+        body.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
+    return f"<table><tr><th>{row_label}</th>{head}</tr>{''.join(body)}</table>"
+
+
+def loss_figure(histories: dict[str, list[dict]]) -> str | None:
+    if not histories:
+        return None
+    fig, axes = plt.subplots(1, len(histories), figsize=(3.2 * len(histories), 2.8), squeeze=False)
+    for ax, (stage, history) in zip(axes[0], histories.items()):
+        steps = [h["step"] for h in history]
+        for key in ("loss", "text_loss", "speech_loss"):
+            if all(key in h for h in history):
+                ax.plot(steps, [h[key] for h in history], label=key, linewidth=1)
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def dpo_figure(history: list[dict]) -> str | None:
+    if not history or "reward_margin" not in history[0]:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7, 2.8))
+    steps = [h["step"] for h in history]
+    left.plot(steps, [h["reward_margin"] for h in history], label="reward margin")
+    left.plot(steps, [h["chosen_reward"] for h in history], label="chosen")
+    left.plot(steps, [h["rejected_reward"] for h in history], label="rejected")
+    left.set_xlabel("step")
+    left.legend(fontsize=7)
+    keys = sorted({k for h in history for k in h if k.startswith("accuracy_")} | {"reward_accuracy"})
+    for key in keys:
+        points = [(h["step"], h[key]) for h in history if key in h]
+        right.plot(*zip(*points), label=key.removeprefix("accuracy_"), linewidth=1)
+    right.set_xlabel("step")
+    right.set_title("reward accuracy")
+    right.legend(fontsize=7)
+    return _png(fig)
+
+
+def comparison_figure(experiments: dict[str, dict], metric: str) -> str | None:
+    stages = [s for s in ("prealign", "stage1", "merged", "stage2", "dpo")
+              if any(metric in e.get(s, {}) for e in experiments.values())]
+    if not stages or len(experiments) < 1:
+        return None
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(stages), 2.8))
+    width = 0.8 / len(experiments)
+    for i, (name, table) in enumerate(experiments.items()):
+        values = [table.get(s, {}).get(metric, 0.0) for s in stages]
+        ax.bar([j + i * width for j in range(len(stages))], values, width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(stages))], stages)
+    ax.set_title(metric)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def build_report(results_root: str | Path, experiment: str, out_path: str | Path) -> dict:
+    """Write the HTML report of `experiment` (results_root/<experiment>) beside its metrics."""
+    results_root = Path(results_root)
+    exp_dir = results_root / experiment
+    metrics_path = exp_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{metrics_path}: no metrics (run the metrics rule first)")
+    metrics = json.loads(metrics_path.read_text())
+    all_metrics = sorted({m for row in metrics.values() for m in row},
+                         key=lambda m: (m not in HEADLINE, HEADLINE.index(m) if m in HEADLINE else 0, m))
+    experiments = {}
+    for path in sorted(results_root.glob("*/metrics.json")):
+        try:
+            experiments[path.parent.name] = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue  # an experiment being written; the next report picks it up
+    histories = _histories(exp_dir)
+    parts = [f"<h1>fac report: {html.escape(experiment)}</h1>",
+             "<h2>Per-stage metrics</h2>", _table(metrics, all_metrics, "stage")]
+    figure = loss_figure({s: h for s, h in histories.items() if s != "dpo"})
+    if figure:
+        parts += ["<h2>Loss curves</h2>", f'<img alt="loss curves" src="{figure}">']
+    figure = dpo_figure(histories.get("dpo", []))
+    if figure:
+        parts += ["<h2>DPO rewards</h2>", f'<img alt="dpo rewards" src="{figure}">']
+    parts.append(f"<h2>Experiments side by side ({len(experiments)})</h2>")
+    for metric in HEADLINE:
+        rows = {f"{name} / {stage}": {metric: row[metric]} for name, table in experiments.items()
+                for stage, row in table.items() if metric in row}
+        if not rows:
+            continue
+        parts.append(f"<h3>{metric}</h3>")
+        figure = comparison_figure(experiments, metric)
+        if figure:
+            parts.append(f'<img alt="{metric} by experiment" src="{figure}">')
+        parts.append(_table(rows, [metric], "experiment / stage"))
+    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>fac report: " + html.escape(experiment)
+            + "</title><style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+            "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#f3f3f3}</style></head><body>"
+            + "\n".join(parts) + "</body></html>\n")
+    out_path = Path(out_path)
+    tmp = out_path.with_suffix(".tmp")
+    tmp.write_text(page)
+    tmp.replace(out_path)
+    return {"experiments": sorted(experiments), "stages": list(metrics), "loss_curves": sorted(histories)}

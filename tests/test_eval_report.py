@@ -1,0 +1,46 @@
+"""The HTML report: the per-stage table, loss curves, DPO rewards and every experiment side by side."""
+
+import base64
+import json
+import re
+
+import pytest
+
+from fac.eval.report import build_report
+
+
+def write_experiment(root, name, spoken, with_history=True):
+    exp = root / name
+    exp.mkdir(parents=True)
+    metrics = {"base_llm": {"text_qa_acc": 1.0},
+               "stage1": {"spoken_qa_acc": spoken, "text_qa_acc": 0.8, "train_step_seconds": 0.2},
+               "dpo": {"spoken_qa_acc": spoken + 0.1, "text_qa_acc": 0.9}}
+    (exp / "metrics.json").write_text(json.dumps(metrics))
+    if with_history:
+        for stage in ("stage1", "dpo"):
+            folder = exp / "checkpoints" / stage
+            folder.mkdir(parents=True)
+            rows = [{"step": s, "loss": 1.0 / s, "text_loss": 0.5 / s, "speech_loss": 0.5 / s,
+                     "reward_margin": 0.01 * s, "reward_accuracy": 0.5, "chosen_reward": 0.01 * s,
+                     "rejected_reward": 0.0, "accuracy_empathy": 0.6} for s in range(1, 6)]
+            (folder / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_report_has_the_table_the_curves_and_every_experiment(tmp_path):
+    write_experiment(tmp_path, "default", 0.25)
+    write_experiment(tmp_path, "k1", 0.125, with_history=False)
+    out = tmp_path / "default" / "report.html"
+    info = build_report(tmp_path, "default", out)
+    page = out.read_text()
+    assert info["experiments"] == ["default", "k1"] and info["loss_curves"] == ["dpo", "stage1"]
+    assert "<h2>Per-stage metrics</h2>" in page and "<h2>Loss curves</h2>" in page and "<h2>DPO rewards</h2>" in page
+    assert "0.250" in page and "0.125" in page  # both experiments' spoken_qa_acc in the comparison
+    assert "k1 / stage1" in page
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) >= 4  # losses, DPO, and a comparison plot per headline metric present
+    assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+
+
+def test_report_without_metrics_names_the_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="metrics.json"):
+        build_report(tmp_path, "nothing", tmp_path / "r.html")
