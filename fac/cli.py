@@ -152,6 +152,16 @@ def _report(args) -> None:
     print(json.dumps(build_report(args.results, args.experiment, args.out)))
 
 
+def _version(args) -> None:
+    from fac import version
+
+    if args.action == "save":
+        print(version.save(args.repo, args.experiment, args.remote))
+    else:
+        extra = args.snakemake_args[1:] if args.snakemake_args[:1] == ["--"] else args.snakemake_args
+        version.restore(args.repo, args.experiment, args.remote, extra or None)
+
+
 def _infer(args) -> None:
     from fac.eval.infer import answer
 
@@ -233,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--experiment", required=True)
     rep.add_argument("--out", required=True)
     rep.set_defaults(func=_report)
+
+    ver = sub.add_parser("version", help="save an experiment's outputs with DVC, or restore them")
+    ver.add_argument("action", choices=["save", "restore"])
+    ver.add_argument("--experiment", required=True)
+    ver.add_argument("--remote", help="DVC remote name (default: the repository's default remote)")
+    ver.add_argument("--repo", default=".")
+    ver.add_argument("snakemake_args", nargs=argparse.REMAINDER,
+                     help="restore: arguments after -- go to `snakemake --touch` (default: the default profile)")
+    ver.set_defaults(func=_version)
 
     infer = sub.add_parser("infer", help="answer one spoken question")
     infer.add_argument("--model", required=True)

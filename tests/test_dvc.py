@@ -47,3 +47,15 @@ def test_push_to_and_pull_from_a_local_folder_remote(clone, tmp_path):
     shutil.rmtree(clone / ".dvc/cache")
     dvc("pull", "-r", "backup", cwd=clone)
     assert filecmp.cmp(clone / "data/world/lexicon.yaml", ROOT / "data/world/lexicon.yaml", shallow=False)
+
+
+def test_experiments_are_not_saved_to_the_in_repository_remote(clone):
+    # The default remote ships data/ inside git; checkpoints and audio must go to a remote outside it.
+    from fac.version import save
+
+    (clone / "results/default").mkdir(parents=True)
+    (clone / "results/default/metrics.json").write_text("{}")
+    with pytest.raises(ValueError, match="inside the repository"):
+        save(clone, "default")
+    with pytest.raises(ValueError, match="no DVC remote 'elsewhere'"):
+        save(clone, "default", remote="elsewhere")

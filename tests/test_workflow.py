@@ -1,10 +1,11 @@
 """The Snakemake workflow: lint, the whole default DAG, a real micro run of `data`, and partial reruns."""
 import json
+import shutil
 import subprocess
 
 import pytest
 
-from workflow_helpers import BIN, ROOT, env, planned_jobs, snakemake
+from workflow_helpers import BIN, ROOT, env, planned_jobs, snakemake, snakemake_args
 
 DATA_RULES = {"world", "text_tokenizer", "tts", "asr_lm", "asr_filter", "noisy", "speech_tokenizer",
               "speech_tokens", "manifests", "data_report"}
@@ -120,3 +121,56 @@ def test_changing_merge_alpha_reruns_only_the_merge_and_what_follows(micro_run):
     jobs = planned_jobs(proc)
     assert set(jobs) == {"merge", "train_drsr", "preferences", "dpo", "evaluate", "metrics", "report", "all"}
     assert jobs["train_drsr"] == 1 and jobs["evaluate"] == 3  # stage 2; merged, stage 2 and DPO re-evaluated
+
+
+def dvc(*args, cwd):
+    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, capture_output=True, text=True, env=env())
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def _git(*args, cwd):
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def test_saved_experiment_restores_in_a_fresh_clone_with_nothing_to_do(micro_run, tmp_path):
+    """fac version save: the experiment's outputs in DVC, metrics and params comparable across revisions;
+    a fresh clone with the remote restores them and Snakemake then has nothing to do."""
+    from fac import version
+
+    repo, remote = tmp_path / "repo", tmp_path / "remote"
+    repo.mkdir()
+    _git("init", "-q", cwd=repo)
+    _git("config", "user.email", "t@example.org", cwd=repo)
+    _git("config", "user.name", "t", cwd=repo)
+    dvc("init", "-q", cwd=repo)
+    dvc("remote", "add", "-d", "store", str(remote), cwd=repo)
+    shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
+    (repo / "params").mkdir()
+    shutil.copy(ROOT / "params/default.yaml", repo / "params/default.yaml")
+    shutil.copytree(micro_run / "results", repo / "results")  # copy2: modification times kept
+    version.save(repo, "micro")
+    _git("add", "-A", cwd=repo)
+    _git("commit", "-qm", "micro experiment", cwd=repo)
+    assert "state" not in dvc("ls", ".", "results/micro", cwd=repo)  # resume points stay out
+
+    # The same experiment at a new revision: a changed metric and param show in dvc's diffs.
+    metrics_path = repo / "results/micro/metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["stage2"]["text_qa_acc"] = 0.125
+    metrics_path.write_text(json.dumps(metrics))
+    params = (repo / "params/default.yaml").read_text().replace("seed: 1234", "seed: 4321", 1)
+    (repo / "params/default.yaml").write_text(params)
+    version.save(repo, "micro")
+    _git("commit", "-qam", "new revision", cwd=repo)
+    assert "stage2.text_qa_acc" in dvc("metrics", "diff", "HEAD~1", cwd=repo)
+    assert "seed" in dvc("params", "diff", "HEAD~1", cwd=repo)
+    assert "stage2.text_qa_acc" in dvc("exp", "show", "--no-pager", "-A", cwd=repo)
+
+    clone = tmp_path / "clone"
+    _git("clone", "-q", str(repo), str(clone), cwd=tmp_path)
+    _git("checkout", "-q", "HEAD~1", cwd=clone)
+    assert not (clone / "results/micro").exists()
+    version.restore(clone, "micro", snakemake_args=snakemake_args(clone))
+    assert json.loads((clone / "results/micro/metrics.json").read_text()) != metrics  # the first revision's
+    assert planned_jobs(snakemake(clone, "-n")) == {}
