@@ -73,7 +73,7 @@ NOISY_TEST = "spoken_qa_test_snr10"  # the test facts' questions with noise at 1
 def paralinguistic_accuracy(model, data: SpokenData, name: str, tokenizer) -> dict:
     """Emotion clips (neutral words; emotion carried by rate, pitch and loudness only):
     `emotion_acc`: asked how the speaker sounds, the first word is the emotion (audio understanding);
-    `empathy_acc`: the spoken reply's text is the one that fits the emotion (voice empathy)."""
+    `empathy_acc`: the spoken reply's text (generated with its speech, as trained) fits the emotion (voice empathy)."""
     from fac.train.dpo import AUDIO_QUESTION_PROMPT
 
     model.eval()
@@ -82,7 +82,7 @@ def paralinguistic_accuracy(model, data: SpokenData, name: str, tokenizer) -> di
     for rec in tqdm(records, desc=f"paralinguistic {name}", unit="clip"):
         asked = model.generate_speech_text(**data.prompt(rec, AUDIO_QUESTION_PROMPT), mode="s2t", max_new_tokens=3)
         emotion += first_word(tokenizer, asked.text_ids[0].tolist()) == rec.meta["emotion"]
-        reply = model.generate_speech_text(**data.prompt(rec), mode="s2t", max_new_tokens=8)
+        reply = model.generate_speech_text(**data.prompt(rec), mode="s2m", max_new_tokens=8)
         empathy += tokenizer.decode(reply.text_ids[0].tolist(), skip_special_tokens=True).strip() == rec.meta["reply"]
     return {"emotion_acc": emotion / len(records), "empathy_acc": empathy / len(records)}
 
