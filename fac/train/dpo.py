@@ -216,10 +216,13 @@ class PairData:
         self.features, self.tokenizer, self.special, self.g = features, tokenizer, special, group_size
         self.weights = [float(dimensions.get(p["dimension"], 1.0)) for p in self.pairs]
         self.ref: list[tuple[float, float]] | None = None
+        self._system_ids: dict[str, list[int]] = {}
 
     def example(self, pair: dict, side: str):
         reply = pair[side]
-        return build_example(encode_text(self.tokenizer, pair["system"]), self.features(pair["user_path"]),
+        if pair["system"] not in self._system_ids:
+            self._system_ids[pair["system"]] = encode_text(self.tokenizer, pair["system"])
+        return build_example(self._system_ids[pair["system"]], self.features(pair["user_path"]),
                              encode_text(self.tokenizer, reply["text"]), reply["codes"], self.special, self.g)
 
     def batch_of(self, indices: list[int]) -> dict:
@@ -252,7 +255,7 @@ def reference_logps(model, data: PairData, batch_size: int = 8) -> list[tuple[fl
 def train_dpo(stage: dict, model_dir: str, pairs_path: str, data_root: str, out_dir: str, state_root: str,
               run_info: dict) -> dict:
     """DPO from the stage-2 model (policy initialised from it, reference = it, frozen, log-probs cached)."""
-    from fac.train.stages import _save_with_tokenizer, load_tokenizer, resolve_steps
+    from fac.train.stages import _identity, _save_with_tokenizer, load_tokenizer, resolve_steps
 
     model = load_checkpoint(model_dir)
     tokenizer = load_tokenizer(model_dir)
@@ -265,9 +268,9 @@ def train_dpo(stage: dict, model_dir: str, pairs_path: str, data_root: str, out_
     data = PairData(read_pairs(pairs_path), features, tokenizer, special, model.config.audio_config.group_size,
                     weights)
     beta = float(stage.get("beta", 0.1))
-    cfg = StageConfig.from_params(resolve_steps({k: v for k, v in stage.items() if k not in ("beta",)},
-                                                len(data.pairs)))
-    state_dir = Path(state_root) / f"dpo-{fingerprint(stage, files_identity(pairs_path), str(model_dir))}"
+    cfg = StageConfig.from_params(resolve_steps(stage, len(data.pairs)))
+    # The reference log-probs cached here belong to this stage-2 checkpoint and these pairs (content hashes).
+    state_dir = Path(state_root) / f"dpo-{fingerprint(stage, files_identity(pairs_path), _identity(model_dir))}"
     ref_file = state_dir / "reference_logps.json"
     if ref_file.is_file():
         data.ref = [tuple(x) for x in json.loads(ref_file.read_text())]
