@@ -83,7 +83,10 @@ def save(repo: str | Path, experiment: str, remote: str | None = None) -> str:
     declare(repo, experiment)
     dvc = _tool("dvc")
     _run([dvc, "add", "-q", f"results/{experiment}"], repo)
-    _run(["git", "add", f"results/{experiment}.dvc", "results/.gitignore", "dvc.yaml", ".dvcignore"], repo)
+    # DVC writes results/.gitignore only when git does not already ignore the folder.
+    staged = [p for p in (f"results/{experiment}.dvc", "results/.gitignore", "dvc.yaml", ".dvcignore")
+              if (repo / p).is_file()]
+    _run(["git", "add", *staged], repo)
     _run([dvc, "push", "-q", *(["-r", remote] if remote else []), f"results/{experiment}.dvc"], repo)
     return f"results/{experiment}.dvc"
 

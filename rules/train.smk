@@ -220,9 +220,12 @@ rule report:
         checkpoints=[f"{RESULTS}/checkpoints/{stage}" for stage in ("base_llm", "prealign", "stage1", "stage2", "dpo")],
     output:
         f"{RESULTS}/report.html",
+    params:
+        results=lambda wildcards, output: os.path.dirname(os.path.dirname(output[0])),  # results/<exp>/..
+        experiment=EXP,
     conda:
         ENV
     log:
         f"{LOGS}/eval/report.log",
     shell:
-        "fac report --results {RESULTS_ROOT} --experiment {EXP} --out {output} > {log} 2>&1"
+        "fac report --results {params.results} --experiment {params.experiment} --out {output} > {log} 2>&1"
