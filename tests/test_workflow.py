@@ -165,7 +165,11 @@ def test_saved_experiment_restores_in_a_fresh_clone_with_nothing_to_do(micro_run
     _git("commit", "-qam", "new revision", cwd=repo)
     assert "stage2.text_qa_acc" in dvc("metrics", "diff", "HEAD~1", cwd=repo)
     assert "seed" in dvc("params", "diff", "HEAD~1", cwd=repo)
-    assert "stage2.text_qa_acc" in dvc("exp", "show", "--no-pager", "-A", cwd=repo)
+    table = dvc("exp", "show", "--no-pager", "--csv", "-A", cwd=repo).splitlines()
+    columns = table[0].split(",")
+    acc, seed = columns.index("stage2.text_qa_acc"), columns.index("seed")
+    revisions = {row.split(",")[acc] + "/" + row.split(",")[seed] for row in table[1:]}
+    assert "0.125/4321" in revisions and len(revisions) == 2  # both revisions, each with its metric and param
 
     clone = tmp_path / "clone"
     _git("clone", "-q", str(repo), str(clone), cwd=tmp_path)
