@@ -135,8 +135,10 @@ def merge_per_module(wildcards):
 
 
 def encoder_model_params():
-    """What the encoder stage depends on: its geometry and the width it projects to (the LLM's)."""
-    return {"encoder": config["model"]["encoder"], "llm": {"hidden_size": config["model"]["llm"]["hidden_size"]}}
+    """What the encoder stage depends on: its geometry, the width it projects to (the LLM's) and the grouping
+    k (its CTC scores the k-frame means the LLM reads)."""
+    return {"encoder": config["model"]["encoder"], "llm": {"hidden_size": config["model"]["llm"]["hidden_size"]},
+            "speech": {"group_size": config["model"]["speech"]["group_size"]}}
 
 
 def run_flags(wildcards):

@@ -321,7 +321,9 @@ def train_encoder(stage: dict, model_params: dict, manifest_dir: str, data_root:
     train = TranscriptData(manifest_dir, list(stage.get("data", {})), features, tokenizer)
     cfg = StageConfig.from_params(resolve_steps(stage, len(train.records)))
     torch.manual_seed(cfg.seed)
-    model = CTCRecognizer(audio_config, embeddings, int(model_params.get("speech", {}).get("group_size", 1)))
+    if "group_size" not in model_params.get("speech", {}):
+        raise ValueError("encoder: model params need speech.group_size (CTC scores the k-frame means the LLM reads)")
+    model = CTCRecognizer(audio_config, embeddings, int(model_params["speech"]["group_size"]))
     trainer = Trainer(model, cfg, ctc_loss,
                       lambda step: train.batch(step, cfg.batch_size, cfg.seed, stage.get("specaugment")),
                       Path(state_root) / f"encoder-{fingerprint(stage, model_params, manifests_identity(manifest_dir, cfg.data), files_identity(Path(tokenizer_dir) / 'tokenizer.json'), _identity(base_llm_dir))}",
