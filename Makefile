@@ -13,7 +13,7 @@ export WANDB_MODE := offline
 export PYTHONUNBUFFERED := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup system reproduce data test lint clean-results
+.PHONY: setup system reproduce ablations data test lint clean-results
 
 setup: system $(STAMP)
 
@@ -43,6 +43,9 @@ data/world/lexicon.yaml: data.dvc | $(STAMP)
 
 reproduce: setup data/world/lexicon.yaml
 	$(BIN)/snakemake --profile $(PROFILE) $(ARGS)
+
+ablations: setup data/world/lexicon.yaml   # the recipe plus merge-alpha and DPO-per-dimension ablations
+	$(BIN)/snakemake --profile $(PROFILE) --configfile params/overlays/ablations.yaml $(ARGS)
 
 data: setup data/world/lexicon.yaml
 	$(BIN)/snakemake --profile $(PROFILE) data $(ARGS)

@@ -147,4 +147,29 @@ def run_flags(wildcards):
 
 
 def train_targets():
-    return [f"{RESULTS}/metrics.json", f"{RESULTS}/metrics.md", f"{RESULTS}/report.html"]
+    ablations = [f"{RESULTS}/ablations.json"] if config["ablations"]["in_all"] else []
+    return [f"{RESULTS}/metrics.json", f"{RESULTS}/metrics.md", f"{RESULTS}/report.html", *ablations]
+
+
+# Ablations inside one experiment (rules/ablations.smk).
+ABL = f"{RESULTS}/ablations"
+ALPHAS = [f"{float(a):g}" for a in config["ablations"]["alpha"]]
+DPO_DIMENSIONS = config["ablations"]["dpo_dimensions"]
+
+
+def ablation_variants():
+    """name -> evaluation file of every ablation run, and the recipe's own stage 2 and multi-task DPO."""
+    out = {f"alpha{a}/{stage}": f"{ABL}/alpha{a}/eval/{stage}.json" for a in ALPHAS for stage in ("merged", "stage2")}
+    out.update({f"dpo_{d}": f"{ABL}/dpo_{d}/eval/dpo.json" for d in DPO_DIMENSIONS})
+    out.update({"recipe/stage2": f"{RESULTS}/eval/stage2.json", "recipe/dpo (multi-task)": f"{RESULTS}/eval/dpo.json"})
+    return out
+
+
+def ablation_inputs(wildcards, input):
+    return " ".join(shlex.quote(f"{name}={path}") for name, path in zip(ablation_variants(), input.evals))
+
+
+def dpo_one_dimension(wildcards):
+    weights = {d: (1.0 if d == wildcards.dimension else 0.0) for d in config["dpo"].get("dimension_weights", {})}
+    weights[wildcards.dimension] = 1.0
+    return as_json({"stage": {**config["dpo"], "dimension_weights": weights}})

@@ -218,6 +218,7 @@ rule report:
     input:
         metrics=rules.metrics.output.json,
         checkpoints=[f"{RESULTS}/checkpoints/{stage}" for stage in ("base_llm", "prealign", "stage1", "stage2", "dpo")],
+        ablations=[f"{RESULTS}/ablations.json"] if config["ablations"]["in_all"] else [],
     output:
         f"{RESULTS}/report.html",
     params:

@@ -33,6 +33,13 @@ def test_report_has_the_table_the_curves_and_every_experiment(tmp_path):
     info = build_report(tmp_path, "default", out)
     page = out.read_text()
     assert info["experiments"] == ["default", "k1"] and info["loss_curves"] == ["dpo", "stage1"]
+    assert not info["ablations"] and "Ablation" not in page
+    (tmp_path / "default" / "ablations.json").write_text(json.dumps(
+        {"alpha0.3/stage2": {"spoken_qa_acc": 0.375, "text_qa_acc": 0.5}, "dpo_empathy": {"spoken_qa_acc": 0.625}}))
+    build_report(tmp_path, "default", out)
+    page = out.read_text()
+    assert "Ablation: merge alpha" in page and "alpha0.3/stage2" in page and "0.375" in page
+    assert "dpo_empathy" in page and "0.625" in page
     assert "<h2>Per-stage metrics</h2>" in page and "<h2>Loss curves</h2>" in page and "<h2>DPO rewards</h2>" in page
     assert "0.250" in page and "0.125" in page  # both experiments' spoken_qa_acc in the comparison
     assert "k1 / stage1" in page

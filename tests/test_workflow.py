@@ -178,3 +178,27 @@ def test_saved_experiment_restores_in_a_fresh_clone_with_nothing_to_do(micro_run
     version.restore(clone, "micro", snakemake_args=snakemake_args(clone))
     assert json.loads((clone / "results/micro/metrics.json").read_text()) != metrics  # the first revision's
     assert planned_jobs(snakemake(clone, "-n")) == {}
+
+
+def test_ablations_target_plans_every_alpha_and_dimension(tmp_path):
+    jobs = planned_jobs(snakemake(tmp_path, "ablations", "-n", overlays=()))
+    assert jobs["ablation_merge"] == 5 and jobs["ablation_stage2"] == 5  # alpha 0, 0.3, 0.5, 0.7, 1
+    assert jobs["ablation_dpo"] == 3  # robustness, audio understanding, empathy
+    assert jobs["ablation_eval"] == 5 * 2 + 3
+
+
+def test_alpha_ablation_ends_at_the_merge_inputs_and_dpo_per_dimension_runs(micro_run):
+    extra = micro_run / "ablate.yaml"
+    extra.write_text("ablations:\n  in_all: true\n  alpha: [0, 1]\n  dpo_dimensions: [empathy]\n")
+    snakemake(micro_run, overlays=("tests/configs/micro.yaml", str(extra)))
+    table = json.loads((micro_run / "results/micro/ablations.json").read_text())
+    assert set(table) == {"alpha0/merged", "alpha0/stage2", "alpha1/merged", "alpha1/stage2", "dpo_empathy",
+                          "recipe/stage2", "recipe/dpo (multi-task)"}
+    per_stage = json.loads((micro_run / "results/micro/metrics.json").read_text())
+    # alpha 0 is the pre-aligned model and alpha 1 stage 1, weight for weight: the same evaluation.
+    for variant, stage in (("alpha0/merged", "prealign"), ("alpha1/merged", "stage1")):
+        accuracies = {k: v for k, v in per_stage[stage].items() if not k.startswith("train_")}
+        assert table[variant] == accuracies
+    pairs = json.loads((micro_run / "results/micro/ablations/dpo_empathy/dpo/train_summary.json").read_text())["pairs"]
+    assert pairs == {"empathy": 3}
+    assert "Ablation: merge alpha" in (micro_run / "results/micro/report.html").read_text()

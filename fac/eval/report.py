@@ -1,6 +1,7 @@
 """The experiment report: one self-contained HTML page (plots embedded as PNG data URIs).
 
-Sections: the per-stage metrics table of the experiment, the loss curves of every trained stage (from the
+Sections: the per-stage metrics table of the experiment, its ablation tables (when ablations.json is
+there: merge alpha, DPO per dimension vs multi-task), the loss curves of every trained stage (from the
 checkpoints' history.jsonl), DPO's reward margin and accuracy, and a comparison with every other experiment
 found under the same results folder (their metrics.json), as a table and a plot per headline metric.
 """
@@ -118,6 +119,15 @@ def build_report(results_root: str | Path, experiment: str, out_path: str | Path
     histories = _histories(exp_dir)
     parts = [f"<h1>fac report: {html.escape(experiment)}</h1>",
              "<h2>Per-stage metrics</h2>", _table(metrics, all_metrics, "stage")]
+    ablations_path = exp_dir / "ablations.json"
+    if ablations_path.is_file():
+        ablations = json.loads(ablations_path.read_text())
+        alpha = {k: v for k, v in ablations.items() if k.startswith("alpha")}
+        dpo = {k: v for k, v in ablations.items() if not k.startswith("alpha")}
+        columns = [m for m in all_metrics if not m.startswith("encoder") and not m.startswith("train_")]
+        parts += ["<h2>Ablation: merge alpha (M = alpha x stage 1 + (1 - alpha) x pre-aligned)</h2>",
+                  _table(alpha, columns, "alpha / stage"),
+                  "<h2>Ablation: DPO on one dimension vs multi-task</h2>", _table(dpo, columns, "DPO")]
     figure = loss_figure({s: h for s, h in histories.items() if s != "dpo"})
     if figure:
         parts += ["<h2>Loss curves</h2>", f'<img alt="loss curves" src="{figure}">']
@@ -143,4 +153,5 @@ def build_report(results_root: str | Path, experiment: str, out_path: str | Path
     tmp = out_path.with_suffix(".tmp")
     tmp.write_text(page)
     tmp.replace(out_path)
-    return {"experiments": sorted(experiments), "stages": list(metrics), "loss_curves": sorted(histories)}
+    return {"experiments": sorted(experiments), "stages": list(metrics), "loss_curves": sorted(histories),
+            "ablations": ablations_path.is_file()}
