@@ -202,3 +202,15 @@ def test_alpha_ablation_ends_at_the_merge_inputs_and_dpo_per_dimension_runs(micr
     pairs = json.loads((micro_run / "results/micro/ablations/dpo_empathy/dpo/train_summary.json").read_text())["pairs"]
     assert pairs == {"empathy": 3}
     assert "Ablation: merge alpha" in (micro_run / "results/micro/report.html").read_text()
+
+
+@pytest.mark.parametrize("k", [1, 6])
+def test_grouping_ablation_overlay_runs_the_whole_recipe(k, tmp_path):
+    """params/overlays/k{1,4,6}.yaml: the recipe as its own experiment at another grouping factor."""
+    micro_k = tmp_path / "micro_k.yaml"
+    micro_k.write_text(f"experiment: micro_k{k}\nmodel:\n  speech: {{group_size: {k}}}\n")
+    snakemake(tmp_path, overlays=("tests/configs/micro.yaml", str(micro_k)))
+    metrics = json.loads((tmp_path / f"results/micro_k{k}/metrics.json").read_text())
+    assert set(metrics) == {"base_llm", "prealign", "stage1", "merged", "stage2", "dpo", "encoder"}
+    config = json.loads((tmp_path / f"results/micro_k{k}/checkpoints/dpo/config.json").read_text())
+    assert config["audio_config"]["group_size"] == k
