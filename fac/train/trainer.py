@@ -82,16 +82,10 @@ def set_trainable(model: torch.nn.Module, prefixes: list[str]) -> tuple[int, int
 
 
 def to_device(batch, device):
-    """A batch (dict/list of tensors, None and plain values) on `device`; unchanged when device is None."""
-    if device is None:
+    """A batch dict's tensors on `device` (other values as they are); the batch itself when device is None."""
+    if device is None or not isinstance(batch, dict):
         return batch
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def fingerprint(*parts) -> str:
