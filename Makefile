@@ -44,8 +44,16 @@ data/world/lexicon.yaml: data.dvc | $(STAMP)
 reproduce: setup data/world/lexicon.yaml
 	$(BIN)/snakemake --profile $(PROFILE) $(ARGS)
 
-ablations: setup data/world/lexicon.yaml   # the recipe plus merge-alpha and DPO-per-dimension ablations
+# Every ablation in one command: the recipe with its merge-alpha and DPO-per-dimension ablations, the whole
+# recipe once per grouping k (experiments k1, k4, k6 beside default's k = 5), then the recipe's report again
+# so that its grouping-k table has them all.
+GROUPING_K ?= 1 4 6
+ablations: setup data/world/lexicon.yaml
 	$(BIN)/snakemake --profile $(PROFILE) --configfile params/overlays/ablations.yaml $(ARGS)
+	for k in $(GROUPING_K); do \
+	  $(BIN)/snakemake --profile $(PROFILE) --configfile params/overlays/k$$k.yaml $(ARGS) || exit 1; \
+	done
+	$(BIN)/snakemake --profile $(PROFILE) --configfile params/overlays/ablations.yaml --forcerun report $(ARGS)
 
 data: setup data/world/lexicon.yaml
 	$(BIN)/snakemake --profile $(PROFILE) data $(ARGS)

@@ -80,6 +80,9 @@ def validate(config: dict, origin: str = "params") -> dict:
     if overlap:
         raise ParamsError(f"{origin}: tts.test_voices must be held out of training, but {overlap} "
                           "are also in tts.train_voices")
+    if "instruct" in config["manifests"]["tasks"] and not config.get("instruction"):
+        raise ParamsError(f"{origin}: manifests.tasks: task 'instruct' needs an `instruction` section "
+                          "(the speaking styles to synthesise)")
     return config
 
 

@@ -86,7 +86,9 @@ def manifest_names():
     if "asr" in tasks:
         names += [f"asr_{s}" for s in splits]
     if "paraling" in tasks:
-        names += [f"paraling_{s}" for s in splits]
+        names += [f"paraling_{s}" for s in splits] + [f"emotion_{s}" for s in splits]
+    if "instruct" in tasks:
+        names += [f"instruct_{s}" for s in splits]
     return names
 
 

@@ -54,7 +54,8 @@ rule tts:
         f"{DATA}/tts/utterances.jsonl",
     params:
         root=data_root,
-        cfg=as_json({"tts": config["tts"], "paraling": config["paraling"], "seed": config["seed"]}),
+        cfg=as_json({"tts": config["tts"], "paraling": config["paraling"], "seed": config["seed"],
+                     "instruction": config.get("instruction")}),
         world=input_folder_of("world"),
     threads: config["tts"]["workers"]
     conda:

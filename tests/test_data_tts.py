@@ -104,3 +104,26 @@ def test_synthesize_all_checks_every_voice_before_synthesising(tmp_path):
     with pytest.raises(ValueError, match="en-zz"):
         tts.synthesize_all([job("a"), job("b", voice="en-zz")], tmp_path)
     assert not (tmp_path / "a.wav").exists()
+
+
+def test_plan_adds_each_answer_in_every_instructed_style_at_its_rate(root, lexicon_path):
+    import yaml
+
+    from fac.data.plan import plan_utterances
+    from fac.data.world import build_world, load_source
+
+    params = yaml.safe_load((root / "params/default.yaml").read_text())
+    source = load_source(lexicon_path)
+    world = build_world(source, 4, 0.25, 1)
+    tts_cfg, styles = params["tts"], {"slowly": 0.6, "quickly": 1.6}
+    plain = plan_utterances(world, source, tts_cfg, params["paraling"], 5)
+    jobs = plan_utterances(world, source, tts_cfg, params["paraling"], 5, {"styles": styles})
+    normal = {j["text"]: j for j in jobs if j["kind"] == "answer" and "style" not in j}
+    styled = [j for j in jobs if j.get("style")]
+    values = {f["value"] for f in world.facts}
+    assert {(j["text"], j["style"]) for j in styled} == {(v, s) for v in values for s in styles}
+    for j in styled:
+        assert j["rate"] == round(normal[j["text"]]["rate"] * styles[j["style"]])
+        assert (j["voice"], j["pitch"]) == (normal[j["text"]]["voice"], normal[j["text"]]["pitch"])
+    # the styles add clips and change nothing else (the same draws, the same ids)
+    assert [j for j in jobs if not j.get("style")] == plain

@@ -51,3 +51,22 @@ def test_report_has_the_table_the_curves_and_every_experiment(tmp_path):
 def test_report_without_metrics_names_the_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.json"):
         build_report(tmp_path, "nothing", tmp_path / "r.html")
+
+
+def test_experiments_with_different_k_form_the_grouping_table(tmp_path):
+    write_experiment(tmp_path, "default", 0.25)
+    write_experiment(tmp_path, "k1", 0.125, with_history=False)
+    write_experiment(tmp_path, "other", 0.5, with_history=False)  # no checkpoint config: not in the table
+    out = tmp_path / "default" / "report.html"
+    assert build_report(tmp_path, "default", out)["grouping"] == []  # one k known so far: no table
+    assert "grouping k" not in out.read_text()
+    for name, k in (("default", 5), ("k1", 1)):
+        folder = tmp_path / name / "checkpoints" / "dpo"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps({"audio_config": {"group_size": k}}))
+    info = build_report(tmp_path, "default", out)
+    assert info["grouping"] == ["k=1 (k1) / dpo", "k=5 (default) / dpo"]
+    page = out.read_text()
+    section = page[page.index("Ablation: grouping k"):]
+    assert section.index("k=1 (k1) / dpo") < section.index("k=5 (default) / dpo")
+    assert "<td>0.225</td>" in section and "<td>0.350</td>" in section  # each experiment's dpo spoken_qa_acc

@@ -62,3 +62,34 @@ def test_read_manifest_names_file_and_line_of_bad_json(tmp_path):
     path.write_text("")
     with pytest.raises(ValueError, match="manifest is empty"):
         read_manifest(path)
+
+
+def _styled_utterances():
+    styled = [{"id": f"a-paris-{style}", "kind": "answer", "split": "assistant", "voice": "en-us+f2", "text": "paris",
+               "path": f"tts/wavs/a-{style}.wav", "duration": d, "style": style}
+              for style, d in (("slowly", 0.8), ("quickly", 0.3))]
+    return _utterances() + styled
+
+
+STYLED_TOKENS = {**TOKENS, "a-paris-slowly": [7, 7, 8, 8, 9, 9, 10], "a-paris-quickly": [7, 9]}
+
+
+def test_instruct_record_asks_a_style_and_answers_with_the_styled_clip():
+    from fac.data.text_tokenizer import instruction_prompt
+
+    manifests = build_manifests(_styled_utterances(), STYLED_TOKENS, ["spoken_qa", "instruct"])
+    # clean questions only (the noisy test copy gets none); the normal answer is not a styled one
+    assert set(manifests) == {"spoken_qa_train", "spoken_qa_test_snr10", "instruct_train"}
+    assert parse_speech_tokens(json.loads(manifests["spoken_qa_train"][0]["audio"][1])["token"]) == [7, 8, 9, 10]
+    record = manifests["instruct_train"][0]
+    style = record["meta"]["style"]
+    assert style in ("slowly", "quickly") and record["system"] == instruction_prompt(style)
+    assert record["system"].endswith(f"Say the answer {style}.")
+    assistant = json.loads(record["audio"][1])
+    assert assistant["text"] == "paris" and parse_speech_tokens(assistant["token"]) == STYLED_TOKENS[f"a-paris-{style}"]
+    assert record["meta"]["normal_units"] == 4 and record["meta"]["task"] == "instruct"
+
+
+def test_instruct_task_without_styled_answers_is_an_error():
+    with pytest.raises(ValueError, match="instruction.styles"):
+        build_manifests(_utterances(), TOKENS, ["spoken_qa", "instruct"])

@@ -55,6 +55,15 @@ def test_test_voice_that_is_also_a_training_voice_is_refused(root):
         validate(cfg)
 
 
+def test_instruct_task_without_an_instruction_section_is_refused(root):
+    cfg = _default(root)
+    del cfg["instruction"]
+    with pytest.raises(ParamsError, match=r"manifests\.tasks: task 'instruct' needs an `instruction` section"):
+        validate(cfg)
+    cfg["manifests"]["tasks"].remove("instruct")
+    assert validate(cfg) is cfg
+
+
 def test_overlay_merges_deeply(root):
     base = _default(root)
     merged = merge(base, {"world": {"n_entities": 8}})

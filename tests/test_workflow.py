@@ -92,11 +92,13 @@ def test_whole_dag_writes_per_stage_metrics(micro_run):
     efficiency = {"train_step_seconds", "train_tokens_per_second"}
     assert set(metrics["base_llm"]) == {"text_qa_acc"} | efficiency
     accuracies = {"spoken_qa_acc", "spoken_qa_acc_unseen_voices", "text_qa_acc", "speech_token_acc",
-                  "spoken_qa_acc_noisy", "emotion_acc", "empathy_acc"}
+                  "spoken_qa_acc_noisy", "emotion_acc", "empathy_acc", "instruction_acc"}
+    lengths = {"instruct_length_ratio_quickly", "instruct_length_ratio_slowly"}
     for stage in ("prealign", "stage1", "merged", "stage2", "dpo"):
         # merged is not trained (no step time); every trained stage reports its cost
-        assert set(metrics[stage]) == accuracies | (set() if stage == "merged" else efficiency)
+        assert set(metrics[stage]) == accuracies | lengths | (set() if stage == "merged" else efficiency)
         assert all(0.0 <= metrics[stage][m] <= 1.0 for m in accuracies)
+        assert all(metrics[stage][m] >= 0.0 for m in lengths)
         assert stage == "merged" or metrics[stage]["train_step_seconds"] > 0 < metrics[stage]["train_tokens_per_second"]
     assert set(metrics["encoder"]) == {"encoder_wer", "encoder_wer_unseen_voices"}
     assert "| stage |" in (micro_run / "results/micro/metrics.md").read_text()
@@ -105,10 +107,15 @@ def test_whole_dag_writes_per_stage_metrics(micro_run):
     assert merged["alpha"] == 0.5
 
 
-def test_dpo_trains_on_pairs_of_three_dimensions_and_logs_rewards(micro_run):
+def test_dpo_trains_on_pairs_of_the_four_dimensions_and_logs_rewards(micro_run):
     pairs = [json.loads(line) for line in (micro_run / "results/micro/data/preferences.jsonl").read_text().splitlines()]
-    assert {p["dimension"] for p in pairs} == {"robustness", "audio_understanding", "empathy"}
-    assert all(p["chosen"]["text"] != p["rejected"]["text"] for p in pairs)
+    assert {p["dimension"] for p in pairs} == {"robustness", "instruction_following", "audio_understanding", "empathy"}
+    for p in pairs:
+        if p["dimension"] == "instruction_following":  # the same answer, said in the asked style or not
+            assert p["system"].startswith("You are asked to generate both") and "Say the answer" in p["system"]
+            assert p["chosen"]["text"] == p["rejected"]["text"] and p["chosen"]["codes"] != p["rejected"]["codes"]
+        else:
+            assert p["chosen"]["text"] != p["rejected"]["text"]
     history = [json.loads(line) for line in
                (micro_run / "results/micro/checkpoints/dpo/history.jsonl").read_text().splitlines()]
     assert len(history) == 2 and {"loss", "reward_margin", "reward_accuracy"} <= set(history[0])

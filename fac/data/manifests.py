@@ -7,9 +7,10 @@ bookkeeping: task, split, fact, voice...). Audio paths are relative to the exper
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
-from fac.data.text_tokenizer import SYSTEM_PROMPTS
+from fac.data.text_tokenizer import AUDIO_QUESTION_PROMPT, SYSTEM_PROMPTS, instruction_prompt
 
 AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
 SPEECH_DELAY = 10  # assistant speech starts after 10 speech-bos tokens (2 LLM steps at 5 Hz)
@@ -36,8 +37,10 @@ def assistant_audio(text: str, codes: list[int], ref_path: str = "") -> dict:
             "ref_path": ref_path, "ref_text": text if ref_path else ""}
 
 
-def conversation(mode: str, user: dict, assistant: dict | str, meta: dict, user_text: str = "") -> dict:
-    """One spoken turn and its answer: spoken (text + speech tokens) or text-only (a plain string)."""
+def conversation(mode: str, user: dict, assistant: dict | str, meta: dict, user_text: str = "",
+                 system: str | None = None) -> dict:
+    """One spoken turn and its answer: spoken (text + speech tokens) or text-only (a plain string).
+    `system` replaces the mode's system prompt (an instruction such as the speaking style)."""
     messages = [{"role": "user", "content": AUDIO_PLACEHOLDER + user_text}]
     audio = [json.dumps(user)]
     if isinstance(assistant, dict):
@@ -45,7 +48,7 @@ def conversation(mode: str, user: dict, assistant: dict | str, meta: dict, user_
         audio.append(json.dumps(assistant))
     else:
         messages.append({"role": "assistant", "content": assistant})
-    return {"system": SYSTEM_PROMPTS[mode], "messages": messages, "audio": audio, "meta": meta}
+    return {"system": system or SYSTEM_PROMPTS[mode], "messages": messages, "audio": audio, "meta": meta}
 
 
 def build_manifests(utterances: list[dict], tokens: dict[str, list[int]], tasks: list[str]) -> dict[str, list[dict]]:
@@ -53,10 +56,20 @@ def build_manifests(utterances: list[dict], tokens: dict[str, list[int]], tasks:
 
     - spoken_qa_{split}: spoken question -> answer text + the assistant's spoken answer;
     - asr_{split}: speech -> its transcript, text and speech (pre-alignment's speech-text pairs);
-    - paraling_{split}: an emotional clip -> the fitting reply (empathy), meta holds the emotion.
+    - paraling_{split}: an emotional clip -> the fitting reply (empathy), meta holds the emotion;
+    - emotion_{split}: the same clip asked how the speaker sounds (`AUDIO_QUESTION_PROMPT`) -> the emotion, in
+      text (audio understanding);
+    - instruct_{split}: a spoken question whose system prompt asks for a speaking style (`instruction_prompt`)
+      -> the answer text + the assistant's answer said in that style (instruction following); one style
+      per question, drawn by a hash of its id; meta holds the style and the answer's normal length in units.
     Noisy copies form spoken_qa_{split}_noisy (train) and spoken_qa_{split}_snr{N} (test splits).
     """
-    answers = {u["text"]: u for u in utterances if u["kind"] == "answer"}
+    answers = {u["text"]: u for u in utterances if u["kind"] == "answer" and not u.get("style")}
+    styled = {(u["text"], u["style"]): u for u in utterances if u["kind"] == "answer" and u.get("style")}
+    styles = sorted({style for _, style in styled})
+    if "instruct" in tasks and not styles:
+        raise ValueError("manifests: task 'instruct' needs the assistant's answers in speaking styles "
+                         "(params `instruction.styles`, synthesised by the tts rule)")
     out: dict[str, list[dict]] = {}
 
     def add(name: str, record: dict) -> None:
@@ -79,9 +92,20 @@ def build_manifests(utterances: list[dict], tokens: dict[str, list[int]], tasks:
         if u["kind"] in ("question", "statement") and not noisy and "asr" in tasks:
             asr_meta = dict(meta, task="asr", transcript=u["text"])
             add(f"asr_{u['split']}", conversation("asr", user, assistant_audio(u["text"], tokens[u["id"]]), asr_meta))
+        if u["kind"] == "question" and not noisy and "instruct" in tasks:
+            style = styles[zlib.crc32(u["id"].encode()) % len(styles)]
+            clip = styled[(u["answer"], style)]
+            normal = tokens[answers[u["answer"]]["id"]]
+            instruct_meta = dict(meta, task="instruct", fact=u["fact"], qa=u["qa"], answer=u["answer"], style=style,
+                                 normal_units=len(normal))
+            add(f"instruct_{u['split']}", conversation("s2m", user, assistant_audio(u["answer"], tokens[clip["id"]],
+                                                                                     clip["path"]),
+                                                       instruct_meta, system=instruction_prompt(style)))
         if u["kind"] == "paraling" and not noisy and "paraling" in tasks:
             meta.update(task="empathy", emotion=u["emotion"], reply=u["reply"])
             add(f"paraling_{u['split']}", conversation("s2m", user, answer_audio(u["reply"]), meta))
+            add(f"emotion_{u['split']}", conversation("s2t", user, u["emotion"], dict(meta, task="emotion"),
+                                                      system=AUDIO_QUESTION_PROMPT))
     return out
 
 

@@ -1,6 +1,7 @@
 """What to synthesise: every utterance of the tiny world with its voice, rate, pitch and loudness.
 
-Questions, statements, the assistant's spoken answers and the paralinguistic (emotion) clips; held-out
+Questions, statements, the assistant's spoken answers (also in each instructed speaking style) and the
+paralinguistic (emotion) clips; held-out
 voices speak only test material. Ids carry a hash of the synthesis settings, so a changed setting
 never reuses a stale wav.
 """
@@ -33,8 +34,12 @@ def _amplitude(cfg: dict, gain_db: float = 0.0) -> int:
     return int(max(5, min(200, round(cfg["amplitude"] * 10 ** (gain_db / 20)))))
 
 
-def plan_utterances(world: World, source: dict, tts: dict, paraling: dict, seed: int) -> list[dict]:
-    """All synthesis jobs: dicts with id, text, voice, rate, pitch, amplitude, kind, split and meta."""
+def plan_utterances(world: World, source: dict, tts: dict, paraling: dict, seed: int,
+                    instruction: dict | None = None) -> list[dict]:
+    """All synthesis jobs: dicts with id, text, voice, rate, pitch, amplitude, kind, split and meta.
+
+    `instruction` ({"styles": {style: rate_scale}}) adds the assistant's answers said in each speaking
+    style (instruction following: "say the answer slowly")."""
     rng = random.Random(seed)
     jobs: list[dict] = []
     pairs = qa_pairs(world, source)
@@ -70,6 +75,9 @@ def plan_utterances(world: World, source: dict, tts: dict, paraling: dict, seed:
     for value in sorted({f["value"] for f in world.facts}):
         jobs.append(_job(f"a-{value}", value, tts["assistant_voice"], mid_rate, mid_pitch, _amplitude(tts),
                          kind="answer", split="assistant"))
+        for style, rate_scale in sorted(((instruction or {}).get("styles") or {}).items()):
+            jobs.append(_job(f"a-{value}-{style}", value, tts["assistant_voice"], round(mid_rate * rate_scale),
+                             mid_pitch, _amplitude(tts), kind="answer", split="assistant", style=style))
     para = source["paralinguistic"]
     for emotion, reply in para["replies"].items():
         jobs.append(_job(f"r-{emotion}", reply, tts["assistant_voice"], mid_rate, mid_pitch, _amplitude(tts),

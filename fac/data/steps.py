@@ -83,7 +83,8 @@ def synthesize(params: dict, world_dir: str, source: str, data_root: str, out_js
         raise ValueError(f"tts.test_voices must be held out of training, but {sorted(overlap)} are also in "
                          "tts.train_voices")
     world = world_mod.World.load(Path(world_dir) / "world.json")
-    jobs = plan_utterances(world, world_mod.load_source(source), tts, paraling, params["seed"])
+    jobs = plan_utterances(world, world_mod.load_source(source), tts, paraling, params["seed"],
+                           params.get("instruction"))
     wav_dir = Path(data_root) / "tts" / "wavs"
     done = synthesize_all(jobs, wav_dir, workers=tts["workers"], desc="tts")
     for job in done:

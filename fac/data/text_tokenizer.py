@@ -19,6 +19,15 @@ SYSTEM_PROMPTS = {
     # model learns to repeat spoken questions instead of answering them.
     "asr": "You are asked to transcribe the speech.",
 }
+# Audio understanding: a question about how something was said, asked of an emotion clip (answer: the emotion).
+AUDIO_QUESTION_PROMPT = "You are asked to tell how the speaker sounds."
+
+
+def instruction_prompt(style: str) -> str:
+    """The system prompt of an instruction-following turn: reply in speech, said in `style` ("slowly")."""
+    return f"{SYSTEM_PROMPTS['s2m']} Say the answer {style}."
+
+
 # The chat template's own words, so that every conversation tokenizes into known merges.
 TEMPLATE_TEXT = ["system", "user", "assistant", SYSTEM_PROMPTS["s2t"], SYSTEM_PROMPTS["s2m"]]
 

@@ -1,22 +1,24 @@
 """Evaluation of every stage's checkpoint on the tiny world: spoken QA, text QA, speech-token accuracy and
-one metric per DPO dimension the world has test data for.
+one metric per DPO dimension.
 
 spoken_qa_acc asks the test facts (known only from text) aloud; text_qa_acc asks every fact in text (the
 base LLM's knowledge, retained or forgotten); speech_token_acc is the SRH's teacher-forced code accuracy;
 spoken_qa_acc_noisy (robustness) asks them at 10 dB SNR; emotion_acc (audio understanding) and empathy_acc
-(voice empathy) use the emotion clips of the test split.
+(voice empathy) use the emotion clips of the test split; instruction_acc (instruction following) asks the
+test questions with a speaking style in the system prompt and judges the generated speech's length.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from fac.data.text_tokenizer import SYSTEM_PROMPTS
+from fac.data.text_tokenizer import AUDIO_QUESTION_PROMPT, SYSTEM_PROMPTS
 from fac.model import load_checkpoint
 from fac.model.processing import IGNORE_INDEX, SpecialIds, collate
 from fac.train.data import FeatureCache, SpokenData, chat_ids
@@ -74,8 +76,6 @@ def paralinguistic_accuracy(model, data: SpokenData, name: str, tokenizer) -> di
     """Emotion clips (neutral words; emotion carried by rate, pitch and loudness only):
     `emotion_acc`: asked how the speaker sounds, the first word is the emotion (audio understanding);
     `empathy_acc`: the spoken reply's text (generated with its speech, as trained) fits the emotion (voice empathy)."""
-    from fac.train.dpo import AUDIO_QUESTION_PROMPT
-
     model.eval()
     records = data.records[name]
     emotion = empathy = 0
@@ -85,6 +85,54 @@ def paralinguistic_accuracy(model, data: SpokenData, name: str, tokenizer) -> di
         reply = model.generate_speech_text(**data.prompt(rec), mode="s2m", max_new_tokens=8)
         empathy += tokenizer.decode(reply.text_ids[0].tolist(), skip_special_tokens=True).strip() == rec.meta["reply"]
     return {"emotion_acc": emotion / len(records), "empathy_acc": empathy / len(records)}
+
+
+INSTRUCT_TEST = "instruct_test"  # test questions asked with a speaking style (instruction following)
+
+
+def spoken_units(speech_ids: list[int], audio_config) -> list[int]:
+    """The speech codes of a generated spoken reply: everything before its eos, the delay's bos tokens dropped."""
+    units = []
+    for code in speech_ids:
+        if code == audio_config.eos_token_id:
+            break
+        if code < audio_config.bos_token_id:
+            units.append(code)
+    return units
+
+
+def follows_style(units: int, styled_units: int, normal_units: int) -> bool:
+    """A spoken reply follows a speaking-style instruction when its length is nearer, in log ratio, to the
+    answer said in that style than to the answer said normally (an empty reply never does)."""
+    if units <= 0 or styled_units <= 0 or normal_units <= 0:
+        return False
+    return abs(math.log(units / styled_units)) < abs(math.log(units / normal_units))
+
+
+def spoken_reply_budget(styled_units: int, group_size: int) -> int:
+    """LLM steps enough for a spoken reply twice the styled answer's length, its delay and the closing tokens."""
+    from fac.data.manifests import SPEECH_DELAY
+
+    return -(-SPEECH_DELAY // group_size) + 2 * -(-styled_units // group_size) + 4
+
+
+@torch.no_grad()
+def instruction_accuracy(model, data: SpokenData, name: str) -> dict:
+    """`instruction_acc`: share of styled questions whose generated spoken answer follows the style (by length);
+    `instruct_length_ratio_<style>`: mean generated length over the answer's normal length, per style."""
+    model.eval()
+    audio_cfg = model.config.audio_config
+    follows, ratios = 0, {}
+    records = data.records[name]
+    for rec in tqdm(records, desc=f"instruction following {name}", unit="q"):
+        out = model.generate_speech_text(**data.prompt(rec), mode="s2m",
+                                         max_new_tokens=spoken_reply_budget(len(rec.codes), audio_cfg.group_size))
+        units = len(spoken_units(out.speech_ids[0].tolist(), audio_cfg))
+        follows += follows_style(units, len(rec.codes), rec.meta["normal_units"])
+        ratios.setdefault(rec.meta["style"], []).append(units / rec.meta["normal_units"])
+    metrics = {"instruction_acc": follows / len(records)}
+    metrics.update({f"instruct_length_ratio_{style}": sum(r) / len(r) for style, r in sorted(ratios.items())})
+    return metrics
 
 
 @torch.no_grad()
@@ -117,7 +165,7 @@ def evaluate(stage: str, model_dir: str, world_dir: str, manifest_dir: str, data
     special = SpecialIds.from_tokenizer(tokenizer, model.config)
     features = FeatureCache(data_root, model.config.audio_config.num_mel_bins)
     names = ["spoken_qa_test", "spoken_qa_test_unseen_voices"]
-    optional = [n for n in (NOISY_TEST, "paraling_test") if (Path(manifest_dir) / f"{n}.jsonl").is_file()]
+    optional = [n for n in (NOISY_TEST, "paraling_test", INSTRUCT_TEST) if (Path(manifest_dir) / f"{n}.jsonl").is_file()]
     data = SpokenData(manifest_dir, {n: 1.0 for n in names + optional}, features, tokenizer, special,
                       model.config.audio_config.group_size)
     metrics = {
@@ -126,11 +174,13 @@ def evaluate(stage: str, model_dir: str, world_dir: str, manifest_dir: str, data
         "text_qa_acc": text_qa_accuracy(model.language_model, tokenizer, world_dir),
         "speech_token_acc": speech_token_accuracy(model, data, "spoken_qa_test"),
     }
-    # One metric per DPO dimension the tiny world has test data for (robustness, audio understanding, empathy).
+    # One metric per DPO dimension: robustness, instruction following, audio understanding, empathy.
     if NOISY_TEST in optional:
         metrics["spoken_qa_acc_noisy"] = spoken_qa_accuracy(model, data, NOISY_TEST, tokenizer)
     if "paraling_test" in optional:
         metrics.update(paralinguistic_accuracy(model, data, "paraling_test", tokenizer))
+    if INSTRUCT_TEST in optional:
+        metrics.update(instruction_accuracy(model, data, INSTRUCT_TEST))
     metrics.update(efficiency(model_dir))
     log.info("%s: %s", stage, metrics)
     return metrics

@@ -1,7 +1,8 @@
 """The experiment report: one self-contained HTML page (plots embedded as PNG data URIs).
 
 Sections: the per-stage metrics table of the experiment, its ablation tables (when ablations.json is
-there: merge alpha, DPO per dimension vs multi-task), the loss curves of every trained stage (from the
+there: merge alpha, DPO per dimension vs multi-task; and grouping k across the experiments under the same
+results folder whose checkpoints use different k), the loss curves of every trained stage (from the
 checkpoints' history.jsonl), DPO's reward margin and accuracy, and a comparison with every other experiment
 found under the same results folder (their metrics.json), as a table and a plot per headline metric.
 """
@@ -100,6 +101,29 @@ def comparison_figure(experiments: dict[str, dict], metric: str) -> str | None:
     return _png(fig)
 
 
+def group_size_of(exp_dir: Path) -> int | None:
+    """The grouping k of an experiment's final DRSR checkpoint (None when it has none yet)."""
+    for stage in ("dpo", "stage2", "stage1", "prealign"):
+        path = exp_dir / "checkpoints" / stage / "config.json"
+        if path.is_file():
+            return json.loads(path.read_text()).get("audio_config", {}).get("group_size")
+    return None
+
+
+def grouping_rows(results_root: Path, experiments: dict[str, dict]) -> dict[str, dict]:
+    """Stage-2 and DPO rows of every experiment, labelled by its grouping k; empty unless k differs."""
+    ks = {name: group_size_of(results_root / name) for name in experiments}
+    ks = {name: k for name, k in ks.items() if k is not None}
+    if len(set(ks.values())) < 2:
+        return {}
+    rows = {}
+    for name, k in sorted(ks.items(), key=lambda item: (item[1], item[0])):
+        for stage in ("stage2", "dpo"):
+            if stage in experiments[name]:
+                rows[f"k={k} ({name}) / {stage}"] = experiments[name][stage]
+    return rows
+
+
 def build_report(results_root: str | Path, experiment: str, out_path: str | Path) -> dict:
     """Write the HTML report of `experiment` (results_root/<experiment>) beside its metrics."""
     results_root = Path(results_root)
@@ -128,6 +152,11 @@ def build_report(results_root: str | Path, experiment: str, out_path: str | Path
         parts += ["<h2>Ablation: merge alpha (M = alpha x stage 1 + (1 - alpha) x pre-aligned)</h2>",
                   _table(alpha, columns, "alpha / stage"),
                   "<h2>Ablation: DPO on one dimension vs multi-task</h2>", _table(dpo, columns, "DPO")]
+    grouping = grouping_rows(results_root, experiments)
+    if grouping:
+        columns = [m for m in all_metrics if not m.startswith("encoder")]
+        parts += ["<h2>Ablation: grouping k (one experiment per k, the whole recipe each)</h2>",
+                  _table(grouping, columns, "k (experiment) / stage")]
     figure = loss_figure({s: h for s, h in histories.items() if s != "dpo"})
     if figure:
         parts += ["<h2>Loss curves</h2>", f'<img alt="loss curves" src="{figure}">']
@@ -154,4 +183,4 @@ def build_report(results_root: str | Path, experiment: str, out_path: str | Path
     tmp.write_text(page)
     tmp.replace(out_path)
     return {"experiments": sorted(experiments), "stages": list(metrics), "loss_curves": sorted(histories),
-            "ablations": ablations_path.is_file()}
+            "ablations": ablations_path.is_file(), "grouping": sorted(grouping)}

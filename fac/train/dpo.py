@@ -18,8 +18,10 @@ Preference pairs come from the stage-2 model's own outputs and the world's groun
   by prosody chosen over the model's wrong guess (text);
 - empathy: an emotion clip whose words are neutral; the reply that fits the emotion (text and speech)
   chosen over the reply that fits another one;
-- instruction_following is one of the paper's dimensions; the tiny world has no style-instructed
-  speech yet, so no pairs of it are built (its weight is accepted and unused).
+- instruction_following: a training question whose system prompt asks for a speaking style ("Say the
+  answer slowly."); the answer said in that style chosen over the model's own spoken answer when its length
+  does not follow the style (fac.eval.metrics.follows_style), else over the answer said normally (text and
+  speech; the text is the true answer on both sides, so the pair is about how it is said).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fac.data.text_tokenizer import SYSTEM_PROMPTS
+from fac.data.text_tokenizer import AUDIO_QUESTION_PROMPT, SYSTEM_PROMPTS
 from fac.model import load_checkpoint
 from fac.model.processing import IGNORE_INDEX, SpecialIds, build_example, collate
 from fac.train.data import FeatureCache, SpokenRecord, encode_text, load_records
@@ -41,7 +43,6 @@ from fac.train.trainer import StageConfig, Trainer, files_identity, fingerprint,
 log = logging.getLogger("fac.train")
 
 DIMENSIONS = ("robustness", "instruction_following", "audio_understanding", "empathy")
-AUDIO_QUESTION_PROMPT = "You are asked to tell how the speaker sounds."
 
 
 # ----------------------------------------------------------------------------------------------- the loss
@@ -105,9 +106,22 @@ def _generate_text(model, tokenizer, features: FeatureCache, rec: SpokenRecord, 
     return tokenizer.decode(out.text_ids[0].tolist(), skip_special_tokens=True).strip()
 
 
+@torch.no_grad()
+def _generate_units(model, tokenizer, features: FeatureCache, rec: SpokenRecord, special, g) -> list[int]:
+    """The speech codes of the model's greedy spoken answer to a record, under the record's own system prompt."""
+    from fac.eval.metrics import spoken_reply_budget, spoken_units
+    from fac.model.processing import build_prompt
+
+    prompt = build_prompt(encode_text(tokenizer, rec.system), features(rec.user_path), special, g)
+    out = model.generate_speech_text(**prompt, mode="s2m", max_new_tokens=spoken_reply_budget(len(rec.codes), g))
+    return spoken_units(out.speech_ids[0].tolist(), model.config.audio_config)
+
+
 def build_preferences(model_dir: str, manifest_dir: str, data_root: str, world_dir: str, out_path: str,
                       seed: int = 0, max_per_dimension: int | None = None) -> dict:
-    """Preference pairs of the three dimensions the tiny world has data for, from the model's own answers."""
+    """Preference pairs of the four dimensions from the model's own answers (a dimension whose training
+    manifest is absent gets none)."""
+    from fac.eval.metrics import follows_style
     from fac.train.stages import load_tokenizer
 
     model = load_checkpoint(model_dir).eval()
@@ -163,6 +177,21 @@ def build_preferences(model_dir: str, manifest_dir: str, data_root: str, world_d
         rejected = said if wrong else replies[rng.choice([e for e in emotions if e != rec.meta["emotion"]])]
         pairs.append(_pair("empathy", rec, SYSTEM_PROMPTS["s2m"], Reply(fitting, reply_codes.get(fitting)),
                            Reply(rejected, reply_codes.get(rejected)), said))
+    instruct = load("instruct_train") if (Path(manifest_dir) / "instruct_train.jsonl").is_file() else []
+    for rec in tqdm(take(instruct), desc="preferences instruction following", unit="q"):
+        answer = rec.meta["answer"]
+        units = _generate_units(model, tokenizer, features, rec, special, g)
+        follows = follows_style(len(units), len(rec.codes), rec.meta["normal_units"])
+        counts["instruction_following"]["model_wrong"] += not follows
+        if units and not follows:
+            rejected = Reply(answer, units)
+        elif answer in answer_codes:
+            rejected = Reply(answer, answer_codes[answer])
+        else:  # the normal answer clip was dropped with its questions: no rejected side to offer
+            continue
+        pairs.append(_pair("instruction_following", rec, rec.system, Reply(answer, list(rec.codes)), rejected,
+                           f"{len(units)} speech units (styled answer {len(rec.codes)}, normal "
+                           f"{rec.meta['normal_units']})"))
     for pair in pairs:
         counts[pair["dimension"]]["pairs"] += 1
     if not pairs:
