@@ -79,6 +79,54 @@ def test_ctc_recognizer_with_groups_scores_one_logit_row_per_slot():
     assert logits.shape == (2, 5, 6)
 
 
+def test_cosine_ctc_scores_directions_and_ties_the_blank_to_a_token():
+    torch.manual_seed(0)
+    embeddings = torch.randn(5, audio_config().output_dim)
+    model = CTCRecognizer(audio_config(), embeddings, group_size=5, cosine_scale=10.0, blank_token=3)
+    with torch.no_grad():
+        model.blank_bias.fill_(0.5)
+    features = torch.randn(1, 80, 100)
+    mask = torch.ones(1, 100, dtype=torch.long)
+    logits, lengths = model(features, mask)
+    hidden = model.continuous_audio_tower(features, mask, int(encoder_output_lengths(mask.sum(-1), N_WINDOW)[0]))
+    grouped, _ = stages.group_frames(hidden, lengths * 5, 5)
+    cos = torch.nn.functional.cosine_similarity(grouped[0, :, None], embeddings[None], dim=-1)  # [slots, 5]
+    assert torch.allclose(logits[0, :, :5], 10.0 * cos, atol=1e-5)
+    assert torch.allclose(logits[0, :, 5], 10.0 * cos[:, 3] + 0.5, atol=1e-5)  # blank = token 3's direction
+    # only directions count: the same frames twice as long score the same
+    assert logits.abs().max() <= 10.0 + 0.5 + 1e-5
+    with pytest.raises(ValueError, match="blank_token"):
+        CTCRecognizer(audio_config(), embeddings, cosine_scale=10.0)
+
+
+def test_slot_questions_lay_a_question_out_as_audio_slots(tiny_world):
+    from fac.train.data import TextData
+    from fac.train.stages import load_tokenizer, slot_noise
+
+    tok = load_tokenizer(tiny_world.tokenizer_dir)
+    plain = TextData(tiny_world.world_dir, tok)
+    slots = TextData(tiny_world.world_dir, tok, {"prob": 1.0, "noise": 2.0})
+    assert plain.batch(3, 4, 7).keys() == {"input_ids", "attention_mask", "labels"}
+    batch = slots.batch(3, 4, 7)
+    assert torch.equal(batch["input_ids"], slots.batch(3, 4, 7)["input_ids"])  # a function of the step
+    vocab = tok.get_vocab()
+    for row, mask, labels in zip(batch["input_ids"], batch["slot_mask"], batch["labels"]):
+        ids = row.tolist()
+        start, end = ids.index(vocab["<|audio_bos|>"]), ids.index(vocab["<|audio_eos|>"])
+        assert mask.nonzero()[:, 0].tolist() == list(range(start + 1, end))  # exactly the slots
+        inside = [t for t in ids[start + 1:end] if t != vocab["<|sil|>"]]
+        words = [t for i, t in enumerate(inside) if i == 0 or t != inside[i - 1]]  # repeats collapsed
+        question = tok.decode(words).strip()
+        pair = next(p for p in slots.qa if p["question"] == question)
+        answer = tok.decode([t for t in labels.tolist() if t >= 0], skip_special_tokens=True).strip()
+        assert answer == pair["answer"]
+    embeds = torch.randn(*batch["input_ids"].shape, 8)
+    noisy = slot_noise(embeds, batch["slot_mask"], 5, 2.0)
+    outside = ~batch["slot_mask"]
+    assert torch.equal(noisy[outside], embeds[outside]) and not torch.equal(noisy, embeds)
+    assert torch.equal(noisy, slot_noise(embeds, batch["slot_mask"], 5, 2.0))
+
+
 def test_spec_augment_masks_within_each_clip_and_replays_from_the_same_rng():
     import random
 

@@ -35,9 +35,19 @@ def chat_ids(tokenizer, system: str, user: str, assistant: str | None) -> tuple[
 
 
 class TextData:
-    """The base LLM's text: every document (plain LM loss) and every text QA pair (loss on the answer)."""
+    """The base LLM's text: every document (plain LM loss) and every text QA pair (loss on the answer).
 
-    def __init__(self, world_dir: str | Path, tokenizer):
+    With `slot_questions` ({prob, noise}), a share `prob` of the examples are text QA pairs whose question
+    comes the way a spoken question reaches the LLM: inside `<|audio_bos|>`...`<|audio_eos|>` of the user
+    turn, one input per 25/k Hz slot, i.e. each word repeated 1-3 times, `<|sil|>` before, between and after
+    words (the encoder's CTC blank is tied to `<|sil|>`). The batch then carries `slot_mask` (those positions)
+    and `noise_seed`: the loss adds Gaussian noise of up to `noise` x the embedding's norm there, as the
+    encoder's features are near, not at, the word embeddings. Measured in the tiny world: with this LLM and
+    the cosine-CTC encoder, the assembled model answers spoken questions about facts it only read at 0.45
+    before any speech-text training, against 0.07 for an LLM trained on plain text only.
+    """
+
+    def __init__(self, world_dir: str | Path, tokenizer, slot_questions: dict | None = None):
         world_dir = Path(world_dir)
         self.tokenizer = tokenizer
         docs = [d for d in (world_dir / "corpus.txt").read_text().splitlines() if d.strip()]
@@ -51,10 +61,34 @@ class TextData:
         for pair in qa:
             self.examples.append(chat_ids(tokenizer, SYSTEM_PROMPTS["s2t"], pair["question"], pair["answer"]))
         self.qa = qa
+        self.slot = dict(slot_questions) if slot_questions and slot_questions.get("prob", 0) > 0 else None
+        if self.slot:
+            vocab = tokenizer.get_vocab()
+            self.sil, self.audio_bos, self.audio_eos = vocab["<|sil|>"], vocab["<|audio_bos|>"], vocab["<|audio_eos|>"]
+            self._prefix = encode_text(tokenizer, f"<|im_start|>system\n{SYSTEM_PROMPTS['s2t']}<|im_end|>\n"
+                                                  "<|im_start|>user\n")
+            self._suffix = encode_text(tokenizer, "<|im_end|>\n<|im_start|>assistant\n")
+
+    def slot_example(self, rng, pair: dict) -> tuple[list[int], list[int]]:
+        """A text QA pair with its question laid out as audio slots (see the class docstring)."""
+        slots = [self.sil] * rng.randint(0, 2)
+        for word in encode_text(self.tokenizer, " " + pair["question"]):
+            slots += [word] * rng.choice((1, 1, 2, 2, 3))
+            if rng.random() < 0.3:
+                slots.append(self.sil)
+        slots += [self.sil] * rng.randint(0, 2)
+        prompt = self._prefix + [self.audio_bos] + slots + [self.audio_eos] + self._suffix
+        reply = encode_text(self.tokenizer, f"{pair['answer']}<|im_end|>\n")
+        return prompt + reply, [IGNORE_INDEX] * len(prompt) + reply
 
     def batch(self, step: int, batch_size: int, seed: int) -> dict:
         rng = step_rng(seed, step)
-        chosen = [self.examples[rng.randrange(len(self.examples))] for _ in range(batch_size)]
+        chosen = []
+        for _ in range(batch_size):
+            if self.slot and rng.random() < self.slot["prob"]:
+                chosen.append(self.slot_example(rng, self.qa[rng.randrange(len(self.qa))]))
+            else:
+                chosen.append(self.examples[rng.randrange(len(self.examples))])
         length = max(len(ids) for ids, _ in chosen)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((batch_size, length), pad, dtype=torch.long)
@@ -64,7 +98,12 @@ class TextData:
             input_ids[i, : len(ids)] = torch.tensor(ids)
             labels[i, : len(lab)] = torch.tensor(lab)
             mask[i, : len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        if self.slot and self.slot.get("noise", 0) > 0:
+            opened = (input_ids == self.audio_bos).long().cumsum(1) - (input_ids == self.audio_eos).long().cumsum(1)
+            batch["slot_mask"] = (opened > 0) & (input_ids != self.audio_bos)
+            batch["noise_seed"] = torch.tensor(rng.randrange(2**31))
+        return batch
 
 
 class FeatureCache:
