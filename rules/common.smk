@@ -105,7 +105,7 @@ def data_targets():
 
 
 # Every checkpoint the report follows, in the order of the recipe.
-EVAL_STAGES = ["base_llm", "prealign", "stage1", "merged", "stage2", "dpo"]
+EVAL_STAGES = ["base_llm", "init", "prealign", "stage1", "merged", "stage2", "dpo"]
 
 
 # The DRSR stages trained by rule train_drsr, each from the checkpoint before it.

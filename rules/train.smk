@@ -12,7 +12,8 @@ rule base_llm:
     output:
         directory(f"{RESULTS}/checkpoints/base_llm"),
     params:
-        cfg=as_json({"stage": config["base_llm"], "model": {"llm": config["model"]["llm"]}}),
+        cfg=as_json({"stage": config["base_llm"], "model": {"llm": config["model"]["llm"],
+                                                            "speech": {"group_size": config["model"]["speech"]["group_size"]}}}),
         world=input_folder_of("corpus"),
         tokenizer=input_folder_of("tokenizer"),
         run=run_flags,

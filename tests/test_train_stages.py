@@ -120,6 +120,13 @@ def test_slot_questions_lay_a_question_out_as_audio_slots(tiny_world):
         pair = next(p for p in slots.qa if p["question"] == question)
         answer = tok.decode([t for t in labels.tolist() if t >= 0], skip_special_tokens=True).strip()
         assert answer == pair["answer"]
+    # at k = 1 (25 Hz slots) a word lasts five times as many slots: every run is a multiple of 5
+    fine = TextData(tiny_world.world_dir, tok, {"prob": 1.0}, group_size=1).batch(3, 4, 7)
+    assert "slot_mask" not in fine  # no noise asked
+    ids = fine["input_ids"][0].tolist()
+    inside = ids[ids.index(vocab["<|audio_bos|>"]) + 1:ids.index(vocab["<|audio_eos|>"])]
+    runs = [len(list(group)) for _, group in __import__("itertools").groupby(inside)]
+    assert all(r % 5 == 0 for r in runs)
     embeds = torch.randn(*batch["input_ids"].shape, 8)
     noisy = slot_noise(embeds, batch["slot_mask"], 5, 2.0)
     outside = ~batch["slot_mask"]

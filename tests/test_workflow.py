@@ -22,7 +22,7 @@ def test_dry_run_of_the_default_dag_plans_every_stage(tmp_path):
     jobs = planned_jobs(snakemake(tmp_path, "-n", overlays=()))
     assert set(jobs) == DATA_RULES | TRAIN_RULES | {"all"}
     assert jobs["train_drsr"] == 3  # pre-alignment, stage 1, stage 2
-    assert jobs["evaluate"] == 6  # base_llm, prealign, stage1, merged, stage2, dpo
+    assert jobs["evaluate"] == 7  # base_llm, init, prealign, stage1, merged, stage2, dpo
     assert all(jobs[rule] == 1 for rule in DATA_RULES | {"base_llm", "encoder", "init_model", "merge", "preferences", "dpo", "metrics", "report"})
 
 
@@ -88,18 +88,18 @@ def test_changing_the_wer_threshold_keeps_synthesis(micro_run):
 
 def test_whole_dag_writes_per_stage_metrics(micro_run):
     metrics = json.loads((micro_run / "results/micro/metrics.json").read_text())
-    assert list(metrics) == ["base_llm", "prealign", "stage1", "merged", "stage2", "dpo", "encoder"]
+    assert list(metrics) == ["base_llm", "init", "prealign", "stage1", "merged", "stage2", "dpo", "encoder"]
     efficiency = {"train_step_seconds", "train_tokens_per_second"}
     assert set(metrics["base_llm"]) == {"text_qa_acc"} | efficiency
     accuracies = {"spoken_qa_acc", "spoken_qa_acc_unseen_voices", "text_qa_acc", "speech_token_acc",
                   "spoken_qa_acc_noisy", "emotion_acc", "empathy_acc", "instruction_acc"}
     lengths = {"instruct_length_ratio_quickly", "instruct_length_ratio_slowly"}
-    for stage in ("prealign", "stage1", "merged", "stage2", "dpo"):
-        # merged is not trained (no step time); every trained stage reports its cost
-        assert set(metrics[stage]) == accuracies | lengths | (set() if stage == "merged" else efficiency)
+    for stage in ("init", "prealign", "stage1", "merged", "stage2", "dpo"):
+        # init and merged are not trained (no step time); every trained stage reports its cost
+        assert set(metrics[stage]) == accuracies | lengths | (set() if stage in ("init", "merged") else efficiency)
         assert all(0.0 <= metrics[stage][m] <= 1.0 for m in accuracies)
         assert all(metrics[stage][m] >= 0.0 for m in lengths)
-        assert stage == "merged" or metrics[stage]["train_step_seconds"] > 0 < metrics[stage]["train_tokens_per_second"]
+        assert stage in ("init", "merged") or metrics[stage]["train_step_seconds"] > 0 < metrics[stage]["train_tokens_per_second"]
     assert set(metrics["encoder"]) == {"encoder_wer", "encoder_wer_unseen_voices"}
     assert "| stage |" in (micro_run / "results/micro/metrics.md").read_text()
     assert "<h2>Per-stage metrics</h2>" in (micro_run / "results/micro/report.html").read_text()
@@ -218,6 +218,6 @@ def test_grouping_ablation_overlay_runs_the_whole_recipe(k, tmp_path):
     micro_k.write_text(f"experiment: micro_k{k}\nmodel:\n  speech: {{group_size: {k}}}\n")
     snakemake(tmp_path, overlays=("tests/configs/micro.yaml", str(micro_k)))
     metrics = json.loads((tmp_path / f"results/micro_k{k}/metrics.json").read_text())
-    assert set(metrics) == {"base_llm", "prealign", "stage1", "merged", "stage2", "dpo", "encoder"}
+    assert set(metrics) == {"base_llm", "init", "prealign", "stage1", "merged", "stage2", "dpo", "encoder"}
     config = json.loads((tmp_path / f"results/micro_k{k}/checkpoints/dpo/config.json").read_text())
     assert config["audio_config"]["group_size"] == k

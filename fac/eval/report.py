@@ -85,7 +85,7 @@ def dpo_figure(history: list[dict]) -> str | None:
 
 
 def comparison_figure(experiments: dict[str, dict], metric: str) -> str | None:
-    stages = [s for s in ("prealign", "stage1", "merged", "stage2", "dpo")
+    stages = [s for s in ("init", "prealign", "stage1", "merged", "stage2", "dpo")
               if any(metric in e.get(s, {}) for e in experiments.values())]
     if not stages or len(experiments) < 1:
         return None

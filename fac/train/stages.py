@@ -87,7 +87,8 @@ def train_base_llm(stage: dict, model_params: dict, world_dir: str, tokenizer_di
         model = AutoModelForCausalLM.from_pretrained(stage["import"])
         _save_with_tokenizer(model, tokenizer, out_dir, {"stage": "base_llm", "imported": stage["import"]})
         return {"imported": stage["import"]}
-    data = TextData(world_dir, tokenizer, stage.get("slot_questions"))
+    data = TextData(world_dir, tokenizer, stage.get("slot_questions"),
+                    int(model_params.get("speech", {}).get("group_size", 5)))
     cfg = StageConfig.from_params(resolve_steps(stage, len(data.examples)))
     llm = model_params["llm"]
     torch.manual_seed(cfg.seed)
