@@ -190,8 +190,8 @@ def test_saved_experiment_restores_in_a_fresh_clone_with_nothing_to_do(micro_run
 def test_ablations_target_plans_every_alpha_and_dimension(tmp_path):
     jobs = planned_jobs(snakemake(tmp_path, "ablations", "-n", overlays=()))
     assert jobs["ablation_merge"] == 5 and jobs["ablation_stage2"] == 5  # alpha 0, 0.3, 0.5, 0.7, 1
-    assert jobs["ablation_dpo"] == 3  # robustness, audio understanding, empathy
-    assert jobs["ablation_eval"] == 5 * 2 + 3
+    assert jobs["ablation_dpo"] == 4  # robustness, instruction following, audio understanding, empathy
+    assert jobs["ablation_eval"] == 5 * 2 + 4
 
 
 def test_alpha_ablation_ends_at_the_merge_inputs_and_dpo_per_dimension_runs(micro_run):
