@@ -79,7 +79,9 @@ def test_continuous_encoder_attends_only_within_its_window(fixture_model):
         whole = tower(feats, mask, output_length=10)  # 40 frames -> 20 after conv2 -> 10 after pooling
         first = tower(feats[..., :20], mask[:, :20], output_length=5)
         second = tower(feats[..., 20:], mask[:, 20:], output_length=5)
-    torch.testing.assert_close(whole, torch.cat([first, second], dim=1), atol=1e-6, rtol=1e-6)
+    # float32 sums in another order differ by ~1e-6 (measured 1.1e-6 on values ~0.07); attention across the
+    # window boundary would change the outputs by their own size
+    torch.testing.assert_close(whole, torch.cat([first, second], dim=1), atol=1e-5, rtol=1e-5)
 
 
 def test_continuous_encoder_ignores_masked_frames_and_zero_fills_the_tail(fixture_model):
