@@ -148,19 +148,20 @@ def test_spoken_reply_is_the_text_stream_of_the_drsr_models_spoken_answer(tiny_w
     special = SpecialIds.from_tokenizer(tok, tiny_world.drsr_config())
     data = TextData(tiny_world.world_dir, tok, {"prob": 1.0, "spoken_reply": 1.0}, group_size=5)
     for step in range(6):
-        ids, labels = data.slot_example(step_rng(3, step), data.qa[step % len(data.qa)])
+        pair = data.qa[step % len(data.qa)]
+        answer = encode_text(tok, pair["answer"])
+        ids, labels = data.slot_example(step_rng(3, step), pair)
         assert SYSTEM_PROMPTS["s2m"] in tok.decode(ids)
         reply = [t for t in labels if t >= 0]
         assert ids[len(ids) - len(reply):] == reply  # the loss covers the whole reply and nothing else
         n_slots = reply.index(vocab["<|audio_eos|>"]) - 1
         # the DRSR example of the same answer with speech that fills those slots (10 delay tokens + codes)
         codes = list(range(5 * n_slots - 10))
-        drsr = build_example([], torch.zeros(80, 40), encode_text(tok, data.qa[step % len(data.qa)]["answer"]), codes, special, 5)
+        drsr = build_example([], torch.zeros(80, 40), answer, codes, special, 5)
         drsr_reply = drsr.input_ids.tolist()[-len(reply):]
         at_slot = [d == special.audio for d in drsr_reply]
         assert sum(at_slot) == n_slots
         assert [d for d, slot in zip(drsr_reply, at_slot) if not slot] == [r for r, slot in zip(reply, at_slot) if not slot]
-        answer = encode_text(tok, data.qa[step % len(data.qa)]["answer"])
         assert [r for r, slot in zip(reply, at_slot) if slot] == answer + [vocab["<|sil|>"]] * (n_slots - len(answer))
         assert 10 + 25 * 0.3 <= 5 * n_slots < 10 + 25 * 1.5 + 5  # the speech delay plus 0.3-1.5 s
     s2t = TextData(tiny_world.world_dir, tok, {"prob": 1.0}, group_size=5)

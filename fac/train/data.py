@@ -15,8 +15,8 @@ from tqdm import tqdm
 from fac.data.audio import read_wav
 from fac.data.manifests import parse_speech_tokens, read_manifest
 from fac.data.text_tokenizer import SYSTEM_PROMPTS
-from fac.model.processing import (IGNORE_INDEX, SPEECH_DELAY, Example, SpecialIds, build_example, build_prompt,
-                                   collate, log_mel)
+from fac.model.processing import (IGNORE_INDEX, SPEECH_DELAY, SPEECH_TOKENS_PER_SECOND, Example, SpecialIds,
+                                   build_example, build_prompt, collate, log_mel)
 from fac.train.trainer import step_rng
 
 log = logging.getLogger("fac.train")
@@ -104,7 +104,7 @@ class TextData:
 
     def spoken_reply(self, rng, text_ids: list[int]) -> list[int]:
         """The text stream of a spoken reply (see the class docstring): text one token per slot, then `<|sil|>`."""
-        speech = SPEECH_DELAY + round(25 * rng.uniform(0.3, 1.5))  # 25 Hz speech tokens after the delay
+        speech = SPEECH_DELAY + round(SPEECH_TOKENS_PER_SECOND * rng.uniform(0.3, 1.5))  # tokens after the delay
         n_slots = max(len(text_ids) + 1, math.ceil(speech / self.group_size))
         stream = text_ids + [self.sil] * (n_slots - len(text_ids))
         return [self.audio_bos, *stream, self.audio_eos, *self._turn_end]
