@@ -158,8 +158,7 @@ def _version(args) -> None:
     if args.action == "save":
         print(version.save(args.repo, args.experiment, args.remote))
     else:
-        extra = args.snakemake_args[1:] if args.snakemake_args[:1] == ["--"] else args.snakemake_args
-        version.restore(args.repo, args.experiment, args.remote, extra or None)
+        version.restore(args.repo, args.experiment, args.remote, args.snakemake_args or None)
 
 
 def _infer(args) -> None:
@@ -249,8 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--experiment", required=True)
     ver.add_argument("--remote", help="DVC remote name (default: the repository's default remote)")
     ver.add_argument("--repo", default=".")
-    ver.add_argument("snakemake_args", nargs=argparse.REMAINDER,
-                     help="restore: arguments after -- go to `snakemake --touch` (default: the default profile)")
+    ver.epilog = "restore: arguments after -- go to `snakemake --touch` (default: the default profile)"
     ver.set_defaults(func=_version)
 
     infer = sub.add_parser("infer", help="answer one spoken question")
@@ -282,9 +280,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line, with everything after the first `--` kept apart as `snakemake_args` (only
+    `fac version restore` takes any). An argparse REMAINDER positional would swallow the options that
+    follow the action (`fac version save --experiment ...`), so the split happens before parsing."""
     parser = build_parser()
+    passthrough = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    if passthrough and not (args.command == "version" and args.action == "restore"):
+        parser.error(f"arguments after -- ({' '.join(passthrough)}) are only for `fac version restore`")
+    args.snakemake_args = passthrough
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not sys.stderr.isatty():

@@ -96,6 +96,6 @@ def restore(repo: str | Path, experiment: str, remote: str | None = None, snakem
     pointer = repo / "results" / f"{experiment}.dvc"
     if not pointer.is_file():
         raise FileNotFoundError(f"{pointer}: this revision has no saved experiment {experiment!r}")
-    _run([_tool("dvc"), "pull", "-q", *(["-r", remote] if remote else []), str(pointer.relative_to(repo))], repo)
+    _run([_tool("dvc"), "pull", *(["-r", remote] if remote else []), str(pointer.relative_to(repo))], repo)
     args = snakemake_args or ["--profile", "workflow/profiles/default"]
     _run([_tool("snakemake"), "--touch", *args], repo)

@@ -140,6 +140,20 @@ def _git(*args, cwd):
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
 
 
+def test_version_command_line_as_the_readme_writes_it():
+    """`fac version save --experiment E --remote R` keeps its options (a REMAINDER positional once swallowed
+    them); only `restore` takes arguments after --, which go to snakemake untouched."""
+    from fac.cli import parse_args
+
+    saved = parse_args(["version", "save", "--experiment", "default", "--remote", "store"])
+    assert (saved.action, saved.experiment, saved.remote, saved.snakemake_args) == ("save", "default", "store", [])
+    restored = parse_args(["version", "restore", "--experiment", "k1", "--", "--configfile", "params/overlays/k1.yaml"])
+    assert (restored.experiment, restored.remote) == ("k1", None)
+    assert restored.snakemake_args == ["--configfile", "params/overlays/k1.yaml"]
+    with pytest.raises(SystemExit):
+        parse_args(["version", "save", "--experiment", "default", "--", "-n"])
+
+
 def test_saved_experiment_restores_in_a_fresh_clone_with_nothing_to_do(micro_run, tmp_path):
     """fac version save: the experiment's outputs in DVC, metrics and params comparable across revisions;
     a fresh clone with the remote restores them and Snakemake then has nothing to do."""
