@@ -243,12 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True)
     rep.set_defaults(func=_report)
 
-    ver = sub.add_parser("version", help="save an experiment's outputs with DVC, or restore them")
+    ver = sub.add_parser("version", help="save an experiment's outputs with DVC, or restore them",
+                         epilog="restore: arguments after -- go to `snakemake --touch` (default: the default profile)")
     ver.add_argument("action", choices=["save", "restore"])
     ver.add_argument("--experiment", required=True)
     ver.add_argument("--remote", help="DVC remote name (default: the repository's default remote)")
     ver.add_argument("--repo", default=".")
-    ver.epilog = "restore: arguments after -- go to `snakemake --touch` (default: the default profile)"
     ver.set_defaults(func=_version)
 
     infer = sub.add_parser("infer", help="answer one spoken question")
