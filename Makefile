@@ -49,11 +49,11 @@ reproduce: setup data/world/lexicon.yaml
 # so that its grouping-k table has them all.
 GROUPING_K ?= 1 4 6
 ablations: setup data/world/lexicon.yaml
-	$(BIN)/snakemake --profile $(PROFILE) --configfile params/overlays/ablations.yaml $(ARGS)
+	$(BIN)/snakemake --profile $(PROFILE) --configfile params/default.yaml params/overlays/ablations.yaml $(ARGS)
 	for k in $(GROUPING_K); do \
-	  $(BIN)/snakemake --profile $(PROFILE) --configfile params/overlays/k$$k.yaml $(ARGS) || exit 1; \
+	  $(BIN)/snakemake --profile $(PROFILE) --configfile params/default.yaml params/overlays/k$$k.yaml $(ARGS) || exit 1; \
 	done
-	$(BIN)/snakemake --profile $(PROFILE) --configfile params/overlays/ablations.yaml --forcerun report $(ARGS)
+	$(BIN)/snakemake --profile $(PROFILE) --configfile params/default.yaml params/overlays/ablations.yaml --forcerun report $(ARGS)
 
 data: setup data/world/lexicon.yaml
 	$(BIN)/snakemake --profile $(PROFILE) data $(ARGS)

@@ -1,9 +1,12 @@
 # Helpers shared by all rules: params validation, experiment paths, and how rules call `fac`.
 import json
 import os
+import re
 import shlex
+import sys
 
 from snakemake.exceptions import WorkflowError
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from fac.params import ParamsError, validate
 
@@ -21,12 +24,19 @@ RESULTS = f"{RESULTS_ROOT}/{EXP}"
 def check_before_running():
     """Errors that would otherwise surface mid-run, after Snakemake already deleted outputs to redo."""
     if config["tts"]["engine"] == "espeak-ng":
-        from fac.data.tts import check_voices
+        from fac.data.voices import check_voices
 
         try:
             check_voices(config["tts"]["train_voices"] + config["tts"]["test_voices"] + [config["tts"]["assistant_voice"]])
         except (ValueError, RuntimeError) as err:
             raise WorkflowError(f"params tts: {err}")
+    elif config["tts"]["engine"] == "command":
+        from fac.data.tts import CommandEngine  # the template's placeholders; its voices are checked by the tts job
+
+        try:
+            CommandEngine(config["tts"]["command"])
+        except ValueError as err:
+            raise WorkflowError(f"params {err}")
     existing = RESULTS
     while existing and not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -39,13 +49,33 @@ check_before_running()
 DATA = f"{RESULTS}/data"
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
-# Rules call the package through its `fac` entry point (the Makefile puts .venv/bin first on PATH).
 ENV = "../environment.yml"
+ROOT = os.path.abspath(os.path.join(workflow.basedir, ".."))
+
+
+def fac_command():
+    """How a job runs the `fac` CLI, so that it works however Snakemake was started (from the Makefile, as
+    .venv/bin/snakemake, from an activated venv, under SLURM): the interpreter that runs Snakemake, whose
+    environment has `fac` installed, and not whatever `fac` the PATH holds. Under `--sdm conda` a job runs in the
+    rule's conda environment (environment.yml: the pinned dependencies): its own python, with this checkout's
+    package on PYTHONPATH."""
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+        return f"PYTHONPATH={shlex.quote(ROOT)}${{PYTHONPATH:+:$PYTHONPATH}} python -m fac"
+    return f"{shlex.quote(sys.executable)} -m fac"
+
+
+# Rules write `fac ...`; every job's shell defines `fac` as that command (after Snakemake's own strict-mode prefix).
+# The rules' text stays the same wherever the checkout lives, so Snakemake's code trigger sees no change. Snakemake
+# formats the prefix like a shell command: its literal braces are doubled.
+FAC_FUNCTION = f'fac() {{ {fac_command()} "$@"; }}; '
+shell.prefix(f"set -euo pipefail; {FAC_FUNCTION}".replace("{", "{{").replace("}", "}}"))
 
 
 def as_json(section):
-    """A params slice as one shell word: Snakemake compares it to decide reruns."""
-    return shlex.quote(json.dumps(section, sort_keys=True))
+    """A params slice as one shell word: Snakemake compares it to decide reruns. Snakemake expands `{name}` in a
+    params string as a wildcard, so a brace inside a JSON string value (a tts.command template's `{text}`) is written
+    as its JSON escape \u007b; a structural brace is always followed by a quote or `}` and stays as it is."""
+    return shlex.quote(re.sub(r"\{(?=[^\"}])", r"\\u007b", json.dumps(section, sort_keys=True)))
 
 
 def folder_of(key):
@@ -69,6 +99,18 @@ def input_folder_of(key):
 def data_root(wildcards, output):
     """The experiment's data folder: every audio path in the JSONL indexes is relative to it."""
     return DATA
+
+
+def text_tokenizer_source(wildcards):
+    """kind pretrained: the tokenizer folder is an input, so a missing one stops the run before any job."""
+    section = config["text_tokenizer"]
+    return [section["path"]] if section.get("kind", "train") == "pretrained" else []
+
+
+def import_source(stage):
+    """A stage that imports a pretrained component (`import: FOLDER`) has that folder as an input."""
+    folder = config[stage].get("import")
+    return [folder] if folder else []
 
 
 def manifest_names():
@@ -137,10 +179,20 @@ def merge_per_module(wildcards):
 
 
 def encoder_model_params():
-    """What the encoder stage depends on: its geometry, the width it projects to (the LLM's) and the grouping
-    k (its CTC scores the k-frame means the LLM reads)."""
-    return {"encoder": config["model"]["encoder"], "llm": {"hidden_size": config["model"]["llm"]["hidden_size"]},
-            "speech": {"group_size": config["model"]["speech"]["group_size"]}}
+    """What the encoder stage depends on: its geometry and the grouping k (its CTC scores the k-frame means the LLM
+    reads); the width it projects to is the base LLM's, an input."""
+    return model_slice("encoder")
+
+
+def model_slice(*sections):
+    """The model sections a training rule reads, the grouping k (every stage lays audio out by it) and the named
+    geometry, if any (it fills what the sections leave out; resolved by fac.model.resolve_geometry)."""
+    model = config["model"]
+    out = {name: model[name] for name in sections if name in model}
+    out["speech"] = {"group_size": model["speech"]["group_size"]}
+    if "geometry" in model:
+        out["geometry"] = model["geometry"]
+    return out
 
 
 def run_flags(wildcards):

@@ -29,6 +29,7 @@ rule text_tokenizer:
     input:
         sentences=rules.world.output.sentences,
         vocabulary=rules.world.output.vocabulary,
+        pretrained=text_tokenizer_source,
     output:
         tokenizer=f"{DATA}/tokenizer/tokenizer.json",
         stats=f"{DATA}/tokenizer/stats.json",

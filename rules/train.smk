@@ -9,11 +9,11 @@ rule base_llm:
         corpus=rules.world.output.corpus,
         text_qa=rules.world.output.text_qa,
         tokenizer=rules.text_tokenizer.output.tokenizer,
+        pretrained=import_source("base_llm"),
     output:
         directory(f"{RESULTS}/checkpoints/base_llm"),
     params:
-        cfg=as_json({"stage": config["base_llm"], "model": {"llm": config["model"]["llm"],
-                                                            "speech": {"group_size": config["model"]["speech"]["group_size"]}}}),
+        cfg=as_json({"stage": config["base_llm"], "model": model_slice("llm")}),
         world=input_folder_of("corpus"),
         tokenizer=input_folder_of("tokenizer"),
         run=run_flags,
@@ -34,6 +34,7 @@ rule encoder:
         manifests=rules.manifests.output.counts,
         tokenizer=rules.text_tokenizer.output.tokenizer,
         base_llm=rules.base_llm.output[0],
+        pretrained=import_source("encoder"),
     output:
         directory(f"{RESULTS}/checkpoints/encoder"),
     params:

@@ -31,3 +31,15 @@ def root() -> Path:
 @pytest.fixture(scope="session")
 def lexicon_path() -> Path:
     return ROOT / "data" / "world" / "lexicon.yaml"
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory):
+    """One real run of the whole DAG on the micro world (data, then a few steps of every stage), built once and
+    shared by every test that reads a built experiment (the workflow's and the README's)."""
+    from workflow_helpers import snakemake
+
+    workdir = tmp_path_factory.mktemp("micro")
+    snakemake(workdir, "data")
+    snakemake(workdir)
+    return workdir

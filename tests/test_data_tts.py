@@ -1,9 +1,9 @@
-"""fac.data.tts: espeak-ng voices are validated, clips are 16 kHz wavs, batches resume without redoing work."""
+"""fac.data.tts and fac.data.voices: espeak-ng voices are validated, clips are 16 kHz wavs, batches resume without redoing work."""
 
 import pytest
 import soundfile as sf
 
-from fac.data import audio, tts
+from fac.data import audio, tts, voices
 
 ACCENTS = {"en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029", "en-us-nyc"}
 
@@ -13,24 +13,24 @@ def job(name, text="the red cat", voice="en-us", **extra):
 
 
 def test_available_voices_are_the_eight_accents_alone_and_with_every_variant():
-    voices = tts.available_voices()
-    assert {v for v in voices if "+" not in v} == ACCENTS
-    variants = {v.split("+")[1] for v in voices if "+" in v}
+    known = voices.available_voices()
+    assert {v for v in known if "+" not in v} == ACCENTS
+    variants = {v.split("+")[1] for v in known if "+" in v}
     assert {"f1", "f5", "m1", "m7"} <= variants
-    assert len(voices) == len(ACCENTS) * (1 + len(variants))
+    assert len(known) == len(ACCENTS) * (1 + len(variants))
 
 
 def test_available_voices_leave_out_mbrola_voices():
-    assert "en-uk" not in tts.available_voices()  # listed by espeak-ng, needs the mbrola program
+    assert "en-uk" not in voices.available_voices()  # listed by espeak-ng, needs the mbrola program
 
 
 def test_check_voices_names_each_unknown_voice():
     with pytest.raises(ValueError, match=r"\['en-xx', 'en-us\+zz'\].*en-us\+f3"):
-        tts.check_voices(["en-us", "en-xx", "en-us+zz"])
+        voices.check_voices(["en-us", "en-xx", "en-us+zz"])
 
 
 def test_check_voices_accepts_known_voices():
-    tts.check_voices(["en-us", "en-gb-scotland+m3", "en-029+f1"])
+    voices.check_voices(["en-us", "en-gb-scotland+m3", "en-029+f1"])
 
 
 def test_synthesize_writes_a_16_khz_wav_of_the_returned_duration(tmp_path):
@@ -127,3 +127,69 @@ def test_plan_adds_each_answer_in_every_instructed_style_at_its_rate(root, lexic
         assert (j["voice"], j["pitch"]) == (normal[j["text"]]["voice"], normal[j["text"]]["pitch"])
     # the styles add clips and change nothing else (the same draws, the same ids)
     assert [j for j in jobs if not j.get("style")] == plain
+
+
+# ------------------------------------------------------------------ engine command (any external synthesiser)
+
+ESPEAK_COMMAND = "espeak-ng -v {voice} -s {rate} -p {pitch} -a {amplitude} -w {out} {text}"
+
+
+def test_command_engine_speaks_through_the_template_as_a_16khz_clip(tmp_path):
+    engine = tts.engine({"engine": "command", "command": ESPEAK_COMMAND})
+    seconds = engine.synthesize("the red cat sat on the mat", "en-gb+f3", 160, 50, 100, tmp_path / "a.wav")
+    data, rate = sf.read(tmp_path / "a.wav")
+    assert rate == audio.SAMPLE_RATE and data.ndim == 1 and abs(len(data) / rate - seconds) < 1e-6 and seconds > 0.8
+    # the same clip espeak-ng's own engine writes: the command engine changes how it is called, nothing else
+    tts.synthesize("the red cat sat on the mat", "en-gb+f3", 160, 50, 100, tmp_path / "b.wav")
+    assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
+
+
+def test_command_engine_quotes_text_that_the_shell_would_read(tmp_path):
+    engine = tts.CommandEngine(ESPEAK_COMMAND)
+    assert engine.synthesize("it's $HOME; rm -rf / `x`", "en-us", 160, 50, 100, tmp_path / "a.wav") > 0.5
+
+
+def test_command_engine_failure_names_the_command_and_its_error(tmp_path):
+    engine = tts.CommandEngine("echo synthesiser broke >&2; exit 3 # {text} {voice} {out}")
+    with pytest.raises(RuntimeError, match=r"tts.command failed \(exit 3\) on text 'hi' with voice 'v1'.*synthesiser broke"):
+        engine.synthesize("hi", "v1", 160, 50, 100, tmp_path / "a.wav")
+    silent = tts.CommandEngine("touch {out} # {text} {voice}")
+    with pytest.raises(RuntimeError, match="wrote no usable speech"):
+        silent.synthesize("hi", "v1", 160, 50, 100, tmp_path / "b.wav")
+    assert not (tmp_path / "a.wav").exists() and not (tmp_path / "b.wav").exists()
+
+
+@pytest.mark.parametrize("template, message", [
+    ("say {text} > {out}", r"lacks \['voice'\]"),
+    ("say -v {voice} {text} {speed} > {out}", r"unknown placeholder\(s\) \['speed'\]"),
+])
+def test_command_template_placeholders_are_checked(template, message):
+    with pytest.raises(ValueError, match=message):
+        tts.CommandEngine(template)
+
+
+def test_command_engine_checks_each_voice_once_by_speaking_with_it(tmp_path):
+    log = tmp_path / "calls.txt"
+    engine = tts.CommandEngine(f"echo {{voice}} >> {log}; " + ESPEAK_COMMAND)
+    engine.check_voices(["en-us", "en-gb", "en-us"])
+    assert log.read_text().split() == ["en-us", "en-gb"]
+    # a synthesiser that knows one speaker: the other is named before any clip is made
+    one_speaker = tts.CommandEngine("test {voice} = alice && espeak-ng -v en-us -w {out} {text}")
+    with pytest.raises(RuntimeError, match="with voice 'bob'"):
+        one_speaker.check_voices(["alice", "bob"])
+
+
+def test_command_engine_batches_resume_like_espeak_batches(tmp_path):
+    engine = tts.CommandEngine(ESPEAK_COMMAND)
+    jobs = [job("a"), job("b", text="a green dog")]
+    tts.synthesize_all(jobs, tmp_path, synthesiser=engine)
+    stamp = (tmp_path / "a.wav").stat().st_mtime_ns
+    (tmp_path / "b.wav").unlink()
+    done = tts.synthesize_all(jobs, tmp_path, synthesiser=engine)
+    assert (tmp_path / "a.wav").stat().st_mtime_ns == stamp and (tmp_path / "b.wav").is_file()
+    assert [d["path"] for d in done] == ["a.wav", "b.wav"]
+
+
+def test_each_command_template_keeps_its_clips_apart():
+    first, second = tts.CommandEngine(ESPEAK_COMMAND), tts.CommandEngine(ESPEAK_COMMAND + " --punct")
+    assert first.folder != second.folder and tts.EspeakEngine().folder == "wavs"

@@ -116,3 +116,16 @@ def test_paper_group_size_one_is_the_25hz_baseline():
     with torch.device("meta"):
         model = FunAudioChatForConditionalGeneration(config)
     assert model.audio_invert_tower.pre_matching.weight.shape == (4096, 4096)
+
+
+def test_named_geometry_fills_what_params_leave_out_and_params_win_key_by_key():
+    from fac.model import resolve_geometry
+
+    resolved = resolve_geometry({"geometry": "paper_8b", "speech": {"group_size": 4}, "srh": {"num_hidden_layers": 2}})
+    assert "geometry" not in resolved
+    assert resolved["srh"] == {**paper_8b_params()["srh"], "num_hidden_layers": 2}
+    assert resolved["speech"]["group_size"] == 4 and resolved["llm"] == paper_8b_params()["llm"]
+    assert build_config({"geometry": "paper_8b", "speech": {"group_size": 5}}).to_dict() == paper_8b_config().to_dict()
+    assert resolve_geometry({"llm": {"hidden_size": 8}}) == {"llm": {"hidden_size": 8}}  # no geometry: as given
+    with pytest.raises(ValueError, match="geometry 'paper_9b' is unknown; expected one of \\['paper_8b'\\]"):
+        resolve_geometry({"geometry": "paper_9b"})

@@ -84,3 +84,10 @@ def test_cli_check_exits_2_with_the_key(root, tmp_path):
                            str(overlay)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "world.n_entitis: unknown key" in proc.stderr
+
+
+def test_command_tts_engine_needs_its_template(root, tmp_path):
+    overlay = tmp_path / "o.yaml"
+    overlay.write_text("tts: {engine: command}\n")
+    with pytest.raises(ParamsError, match="tts.command: engine 'command' needs a command template"):
+        load([root / "params/default.yaml", overlay])

@@ -282,3 +282,91 @@ def test_init_scales_the_adapter_so_audio_features_match_word_embedding_length(r
     assert torch.allclose(weight, scale * torch.eye(weight.shape[0]))
     assert stages.feature_scale(model, tiny_world.manifest_dir, tiny_world.data_root) == pytest.approx(
         scale, rel=1e-5)
+
+
+def _last_layer_output(module, run):
+    """The output of `module` (a transformer layer) during `run()`."""
+    seen = []
+    handle = module.register_forward_hook(lambda mod, args, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_imported_whisper_encoder_computes_what_transformers_whisper_encoder_computes(tmp_path):
+    """A random Whisper folder (128 mel bins), imported: on 2 windows of 2*n_window frames the tower's last layer
+    equals transformers' WhisperEncoder run on each window, and its output is that, pooled by 2, through
+    Whisper's final layer norm and the new projection."""
+    from transformers import Qwen3Config, WhisperConfig, WhisperModel
+
+    n_window = 50  # WhisperEncoder takes exactly 2 * max_source_positions frames: one window of the tower
+    whisper = WhisperModel(WhisperConfig(num_mel_bins=128, d_model=32, encoder_layers=2, encoder_attention_heads=2,
+                                         encoder_ffn_dim=64, decoder_layers=1, decoder_attention_heads=2,
+                                         decoder_ffn_dim=64, max_source_positions=n_window, vocab_size=64, pad_token_id=0,
+                                         bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)).eval()
+    with torch.no_grad():  # layer norms start at 1 and 0: move them, so that a mis-mapped norm cannot pass
+        for name, param in whisper.encoder.named_parameters():
+            if "layer_norm" in name:
+                param.add_(0.1 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+    whisper.save_pretrained(tmp_path / "whisper")
+    Qwen3Config(hidden_size=48).save_pretrained(tmp_path / "llm")  # the adapter's width is the LLM's
+    stages.import_whisper_encoder(str(tmp_path / "whisper"), {"encoder": {"n_window": n_window}}, tmp_path / "llm",
+                                  str(tmp_path / "encoder"))
+    config = FunAudioChatAudioConfig.from_json_file(str(tmp_path / "encoder/config.json"))
+    assert (config.num_mel_bins, config.d_model, config.encoder_layers, config.output_dim) == (128, 32, 2, 48)
+    tower = FunAudioChatContinuousEncoder(config).eval()
+    tower.load_state_dict({k.removeprefix("continuous_audio_tower."): v
+                           for k, v in load_file(str(tmp_path / "encoder/model.safetensors")).items()})
+    features = torch.randn(1, 128, 4 * n_window, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        [tower_last] = _last_layer_output(tower.layers[-1], lambda: tower(
+            features, torch.ones(1, 4 * n_window, dtype=torch.long), output_length=n_window))
+        out = tower(features, torch.ones(1, 4 * n_window, dtype=torch.long), output_length=n_window)
+        windows = features.split(2 * n_window, dim=-1)
+        whisper_last = torch.cat([_last_layer_output(whisper.encoder.layers[-1], lambda w=w: whisper.encoder(w))[0]
+                                  for w in windows])  # [2 windows, n_window, d]
+        torch.testing.assert_close(tower_last, whisper_last, rtol=1e-5, atol=1e-5)
+        pooled = whisper_last.reshape(-1, 2, 32).mean(dim=1)  # [n_window, d]: both windows, pairs averaged
+        expected = tower.proj(whisper.encoder.layer_norm(pooled))
+    torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(tower.ln_post.weight, whisper.encoder.layer_norm.weight)
+
+
+def test_dpo_trains_under_the_deepspeed_backend_as_under_the_torch_backend(recipe, tiny_world, tmp_path):
+    """`fac train dpo` with backend deepspeed (ZeRO-2, one CPU process) trains on the same pairs as the torch backend:
+    both start from the same reference margins and end within a few float bits of each other's rewards."""
+    import os
+    import subprocess
+    import sys
+
+    from fac.data.text_tokenizer import SYSTEM_PROMPTS
+
+    lines = (tiny_world.manifest_dir / "spoken_qa_train.jsonl").read_text().splitlines()[:2]
+    pairs = []
+    for n, line in enumerate(lines):
+        record = json.loads(line)
+        user, reply = (json.loads(a) for a in record["audio"])
+        pairs.append({"dimension": "robustness", "system": SYSTEM_PROMPTS["s2t"], "user_path": user["path"],
+                      "id": f"p{n}", "chosen": {"text": reply["text"], "codes": None},
+                      "rejected": {"text": "nobody knows", "codes": None}})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    summaries = {}
+    for backend in ("torch", "deepspeed"):
+        stage = {"trainable": [""], "beta": 0.1, "steps": 2, "lr": 1e-3, "batch_size": 2, "seed": 6, "backend": backend,
+                 "zero_stage": 2, "processes": 1}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "DS_BUILD_OPS": "0",
+               "CUDA_VISIBLE_DEVICES": ""}
+        proc = subprocess.run([sys.executable, "-m", "fac", "train", "dpo", "--params", json.dumps({"stage": stage}),
+                               "--model", str(recipe / "stage1"), "--pairs", str(tmp_path / "pairs.jsonl"),
+                               "--data-root", str(tiny_world.data_root), "--out", str(tmp_path / backend),
+                               "--state-root", str(tmp_path / f"state-{backend}"), "--threads", "1"],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summaries[backend] = [json.loads(line) for line in (tmp_path / backend / "history.jsonl").read_text().splitlines()]
+    torch_history, ds_history = summaries["torch"], summaries["deepspeed"]
+    assert len(torch_history) == len(ds_history) == 2
+    for a, b in zip(torch_history, ds_history):
+        assert a["reward_margin"] == pytest.approx(b["reward_margin"], abs=1e-3)
+    assert ds_history[-1]["reward_margin"] > 0.05  # one step already prefers the chosen replies

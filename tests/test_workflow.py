@@ -1,7 +1,9 @@
 """The Snakemake workflow: lint, the whole default DAG, a real micro run of `data`, and partial reruns."""
 import json
+import shlex
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -32,19 +34,36 @@ def test_invalid_params_stop_before_any_job(tmp_path):
     assert "world.n_entitis: unknown key" in proc.stdout + proc.stderr
 
 
+def params_of(proc: subprocess.CompletedProcess, action: str) -> dict:
+    """The --params slice of the shell command a dry run (-p) printed for `fac <action>`."""
+    line = next(line for line in (proc.stdout + proc.stderr).splitlines() if f"fac {action} " in line)
+    words = shlex.split(line)
+    return json.loads(words[words.index("--params") + 1])
+
+
+def test_paper_params_stand_alone_without_the_tiny_worlds_keys(tmp_path):
+    for folder in ("models/Qwen3-8B", "models/whisper-large-v3"):
+        (tmp_path / folder).mkdir(parents=True)
+    proc = snakemake(tmp_path, "-n", "-p", overlays=(), base="params/paper.yaml")
+    base_llm = params_of(proc, "train base-llm")
+    # Only paper.yaml's keys: no tiny LLM geometry, no tiny-world steps leak in from params/default.yaml.
+    assert base_llm == {"model": {"geometry": "paper_8b", "speech": {"group_size": 5}},
+                        "stage": {"import": "models/Qwen3-8B"}}
+    tokenizer = params_of(proc, "data text-tokenizer")
+    assert tokenizer == {"kind": "pretrained", "path": "models/Qwen3-8B"}
+
+
+def test_a_missing_pretrained_component_folder_stops_before_any_job_and_is_named(tmp_path):
+    proc = snakemake(tmp_path, "-n", overlays=(), base="params/paper.yaml", check=False)
+    assert proc.returncode != 0
+    assert "Missing input files for rule text_tokenizer" in proc.stdout + proc.stderr
+    assert "models/Qwen3-8B" in proc.stdout + proc.stderr
+
+
 def test_unknown_voice_stops_before_any_job_and_names_it(tmp_path):
     proc = snakemake(tmp_path, "-n", config="tts={test_voices: [en-klingon+m9]}", check=False)
     assert proc.returncode != 0
     assert "en-klingon+m9" in proc.stdout + proc.stderr
-
-
-@pytest.fixture(scope="module")
-def micro_run(tmp_path_factory):
-    """One real run of the whole DAG on the micro world: data, then a few steps of every stage."""
-    workdir = tmp_path_factory.mktemp("micro")
-    snakemake(workdir, "data")
-    snakemake(workdir)
-    return workdir
 
 
 def test_data_target_writes_manifests_report_and_logs(micro_run):
@@ -235,3 +254,14 @@ def test_grouping_ablation_overlay_runs_the_whole_recipe(k, tmp_path):
     assert set(metrics) == {"base_llm", "init", "prealign", "stage1", "merged", "stage2", "dpo", "encoder"}
     config = json.loads((tmp_path / f"results/micro_k{k}/checkpoints/dpo/config.json").read_text())
     assert config["audio_config"]["group_size"] == k
+
+
+def test_tts_rule_speaks_through_a_command_template(tmp_path):
+    """tts.engine command in the DAG: the tts job runs the template for every clip (here espeak-ng behind it)."""
+    command = "espeak-ng -v {voice} -s {rate} -p {pitch} -a {amplitude} -w {out} {text}"
+    snakemake(tmp_path, "--until", "tts",
+              overlays=overlay(tmp_path, f"tts:\n  engine: command\n  command: \"{command}\"\n"))
+    rows = [json.loads(line) for line in (tmp_path / "results/micro/data/tts/utterances.jsonl").read_text().splitlines()]
+    folders = {Path(row["path"]).parent.as_posix() for row in rows}
+    assert len(rows) > 10 and len(folders) == 1 and folders.pop().startswith("tts/wavs-command-")
+    assert all((tmp_path / "results/micro/data" / row["path"]).is_file() for row in rows)

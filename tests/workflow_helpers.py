@@ -16,19 +16,20 @@ def env() -> dict:
 
 
 def snakemake(workdir: Path, *args: str, overlays=("tests/configs/micro.yaml",), config: str | None = None,
-              check: bool = True) -> subprocess.CompletedProcess:
-    """snakemake with the default params plus overlays; the lexicon path is made absolute."""
-    cmd = [str(BIN / "snakemake"), *snakemake_args(workdir, *args, overlays=overlays, config=config)]
+              check: bool = True, base: str = "params/default.yaml") -> subprocess.CompletedProcess:
+    """snakemake with the `base` params plus overlays; the lexicon path is made absolute."""
+    cmd = [str(BIN / "snakemake"), *snakemake_args(workdir, *args, overlays=overlays, config=config, base=base)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=workdir)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
 
 
-def snakemake_args(workdir: Path, *args: str, overlays=("tests/configs/micro.yaml",), config: str | None = None):
+def snakemake_args(workdir: Path, *args: str, overlays=("tests/configs/micro.yaml",), config: str | None = None,
+                   base: str = "params/default.yaml"):
     # Targets and flags first: --configfile and --config take every word after them.
     return [*args, "-s", str(ROOT / "workflow/Snakefile"), "--directory", str(workdir),
-            "--cores", "2", "--configfile", str(ROOT / "params/default.yaml"),
+            "--cores", "2", "--configfile", str(ROOT / base),
             *[str(ROOT / o) for o in overlays],
             "--config", f"world={{source: {ROOT / 'data/world/lexicon.yaml'}}}", *([config] if config else [])]
 

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio.functional
 
 SAMPLE_RATE = 16000
 # Below this peak a clip holds no speech (16-bit PCM rounds it to a few LSBs at most).
@@ -36,6 +34,11 @@ def read_wav(path) -> np.ndarray:
         raise AudioError(f"{path}: holds 0 samples; expected a clip of speech")
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     if sample_rate != SAMPLE_RATE:
+        # torch is imported only where a clip needs resampling: the workflow imports this module (through the
+        # voice check) while it parses, and loading torch there would cost every `snakemake -n` ~2 s and ~700 MB.
+        import torch
+        import torchaudio.functional
+
         mono = torchaudio.functional.resample(torch.from_numpy(mono), sample_rate, SAMPLE_RATE).numpy()
     peak = float(np.max(np.abs(mono)))
     if peak < SILENCE_PEAK:

@@ -61,23 +61,25 @@ def build_world(params: dict, source: str, out_dir: str) -> dict:
 
 
 def build_text_tokenizer(params: dict, world_dir: str, out_dir: str) -> dict:
-    from fac.data.text_tokenizer import special_ids, tokens_per_word, train_tokenizer
+    from fac.data.text_tokenizer import released_id_mismatches, special_ids, text_tokenizer, tokens_per_word
 
     sentences = (Path(world_dir) / "sentences.txt").read_text().split("\n")
     sentences = [s for s in sentences if s.strip()]
-    tok = train_tokenizer(sentences, params["vocab_size"], out_dir)
+    tok = text_tokenizer(params).build(sentences, out_dir)
     words = (Path(world_dir) / "vocabulary.txt").read_text().split()
-    stats = {"vocab_size": len(tok), "tokens_per_word": tokens_per_word(tok, words), "special_ids": special_ids(tok)}
+    stats = {"kind": params.get("kind", "train"), "vocab_size": len(tok), "tokens_per_word": tokens_per_word(tok, words),
+             "special_ids": special_ids(tok), "released_ids": not released_id_mismatches(tok)}
     write_json(stats, Path(out_dir) / "stats.json")
     log.info("text tokenizer: %s", stats)
     return stats
 
 
 def synthesize(params: dict, world_dir: str, source: str, data_root: str, out_jsonl: str) -> dict:
-    from fac.data.tts import check_voices, synthesize_all
+    from fac.data.tts import engine, synthesize_all
 
     tts, paraling = params["tts"], params["paraling"]
-    check_voices(tts["train_voices"] + tts["test_voices"] + [tts["assistant_voice"]])
+    synthesiser = engine(tts)
+    synthesiser.check_voices(tts["train_voices"] + tts["test_voices"] + [tts["assistant_voice"]])
     overlap = set(tts["train_voices"]) & set(tts["test_voices"])
     if overlap:
         raise ValueError(f"tts.test_voices must be held out of training, but {sorted(overlap)} are also in "
@@ -85,10 +87,10 @@ def synthesize(params: dict, world_dir: str, source: str, data_root: str, out_js
     world = world_mod.World.load(Path(world_dir) / "world.json")
     jobs = plan_utterances(world, world_mod.load_source(source), tts, paraling, params["seed"],
                            params.get("instruction"))
-    wav_dir = Path(data_root) / "tts" / "wavs"
-    done = synthesize_all(jobs, wav_dir, workers=tts["workers"], desc="tts")
+    wav_dir = Path(data_root) / "tts" / synthesiser.folder
+    done = synthesize_all(jobs, wav_dir, workers=tts["workers"], desc="tts", synthesiser=synthesiser)
     for job in done:
-        job["path"] = f"tts/wavs/{job['id']}.wav"
+        job["path"] = f"tts/{synthesiser.folder}/{job['id']}.wav"
     write_jsonl(done, out_jsonl)
     stats = {"utterances": len(done), "hours": sum(j["duration"] for j in done) / 3600,
              "by_kind": dict(Counter(j["kind"] for j in done)), "by_split": dict(Counter(j["split"] for j in done))}

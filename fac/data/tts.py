@@ -1,9 +1,12 @@
-"""Speech synthesis for the tiny world with espeak-ng: many voices, rates, pitches and loudnesses.
+"""Speech synthesis, one component with two engines (`tts.engine`): `espeak-ng` (the tiny world: many voices, rates,
+pitches and loudnesses) or `command` (any synthesiser, e.g. a CosyVoice 3 install, run from a command template).
 Clips are written as 16 kHz wavs; a batch resumes after a kill without redoing finished clips."""
 
 from __future__ import annotations
 
-import functools
+import hashlib
+import shlex
+import string
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -12,59 +15,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from fac.data import audio
+from fac.data.voices import ESPEAK, check_voices, run_espeak
 
-ESPEAK = "espeak-ng"
 # espeak-ng's documented ranges; outside them it clamps silently or (amplitude 0) writes silence.
 RATE_RANGE = (80, 450)
 PITCH_RANGE = (0, 99)
 AMPLITUDE_RANGE = (1, 200)
 JOB_KEYS = ("id", "text", "voice", "rate", "pitch", "amplitude")
-
-
-def _espeak(*args: str, text: str | None = None) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run([ESPEAK, *args], input=text, capture_output=True, text=True, check=False)
-    except FileNotFoundError as error:
-        raise RuntimeError(f"{ESPEAK} is not on PATH; install it (apt-get install espeak-ng)") from error
-
-
-def _voice_table(option: str) -> list[tuple[str, str]]:
-    """(language, voice file) rows of `espeak-ng --voices=...`."""
-    listing = _espeak(f"--voices={option}")
-    if listing.returncode != 0:
-        raise RuntimeError(f"{ESPEAK} --voices={option} failed: {listing.stderr.strip()}")
-    rows = []
-    # Columns: Pty Language Age/Gender VoiceName File [Other languages]; names use _ for spaces.
-    for line in listing.stdout.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) >= 5:
-            rows.append((fields[1], fields[4]))
-    return rows
-
-
-@functools.lru_cache(maxsize=1)
-def _voices() -> tuple[str, ...]:
-    # MBROLA voices (files under mb/) are listed but need the mbrola program, which is not installed.
-    accents = sorted({language for language, file in _voice_table("en")
-                      if language != "variant" and not file.startswith("mb/")})
-    variants = sorted({file.split("/", 1)[1] for language, file in _voice_table("variant")
-                       if file.startswith("!v/")})
-    return tuple(accents + [f"{accent}+{variant}" for accent in accents for variant in variants])
-
-
-def available_voices() -> list[str]:
-    """English voice specs espeak-ng accepts: every accent, alone and as accent+variant."""
-    return list(_voices())
-
-
-def check_voices(voices) -> None:
-    """Raise ValueError naming every voice espeak-ng does not have (it would fall back silently)."""
-    known = set(_voices())
-    unknown = list(dict.fromkeys(voice for voice in voices if voice not in known))  # in the order given
-    if unknown:
-        accents = [voice for voice in _voices() if "+" not in voice]
-        raise ValueError(f"unknown espeak-ng voice(s) {unknown}; expected an English accent {accents}, "
-                         f"optionally with a variant, e.g. en-us+f3, en-gb+m2")
 
 
 def _check_range(name: str, value, allowed: tuple[int, int], text: str) -> None:
@@ -83,7 +40,7 @@ def synthesize(text: str, voice: str, rate: int, pitch: int, amplitude: int, out
     with tempfile.TemporaryDirectory(prefix="fac-tts-") as folder:
         raw = Path(folder) / "espeak.wav"
         # Text through stdin, so that a text starting with "-" is not read as an option.
-        result = _espeak("-v", voice, "-s", str(int(rate)), "-p", str(int(pitch)), "-a", str(int(amplitude)),
+        result = run_espeak("-v", voice, "-s", str(int(rate)), "-p", str(int(pitch)), "-a", str(int(amplitude)),
                          "-w", str(raw), "--stdin", text=text)
         if result.returncode != 0:
             raise RuntimeError(f"{ESPEAK} failed (exit {result.returncode}) on text {text!r} with voice {voice!r}: "
@@ -95,6 +52,75 @@ def synthesize(text: str, voice: str, rate: int, pitch: int, amplitude: int, out
                                f"{error}; expected text with speakable words") from error
     audio.write_wav(out_path, samples)
     return len(samples) / audio.SAMPLE_RATE
+
+
+class EspeakEngine:
+    """engine `espeak-ng`: voices are espeak-ng voice specs (checked against the installed ones), rate in words per
+    minute, pitch 0-99, amplitude linear (100 = default)."""
+
+    folder = "wavs"  # where its clips live under tts/
+
+    def check_voices(self, voices) -> None:
+        check_voices(voices)
+
+    def synthesize(self, text: str, voice: str, rate: int, pitch: int, amplitude: int, out_path) -> float:
+        return synthesize(text, voice, rate, pitch, amplitude, out_path)
+
+
+class CommandEngine:
+    """engine `command`: an external synthesiser run through bash from a template with `{text}`, `{voice}` and
+    `{out}` (a wav path to write, any sample rate), optionally `{rate}`, `{pitch}`, `{amplitude}`; every value is
+    shell-quoted. Voices are whatever the synthesiser accepts: each is checked by speaking one short clip with it."""
+
+    FIELDS = {"text", "voice", "out", "rate", "pitch", "amplitude"}
+    REQUIRED = {"text", "voice", "out"}
+    CHECK_TEXT = "hello"
+
+    def __init__(self, template: str):
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        unknown, missing = sorted(fields - self.FIELDS), sorted(self.REQUIRED - fields)
+        if unknown or missing:
+            raise ValueError(f"tts.command {template!r}: " + "; ".join(
+                ([f"unknown placeholder(s) {unknown}"] if unknown else []) + ([f"lacks {missing}"] if missing else []))
+                + f"; expected {{text}}, {{voice}} and {{out}}, optionally {{rate}}, {{pitch}}, {{amplitude}}")
+        self.template = template
+        # Clips of another synthesiser are other clips: each command template has its own folder.
+        self.folder = f"wavs-command-{hashlib.sha256(template.encode()).hexdigest()[:10]}"
+
+    def check_voices(self, voices) -> None:
+        with tempfile.TemporaryDirectory(prefix="fac-tts-check-") as folder:
+            for voice in dict.fromkeys(voices):
+                self.synthesize(self.CHECK_TEXT, voice, 160, 50, 100, Path(folder) / "check.wav")
+
+    def synthesize(self, text: str, voice: str, rate: int, pitch: int, amplitude: int, out_path) -> float:
+        with tempfile.TemporaryDirectory(prefix="fac-tts-") as folder:
+            raw = Path(folder) / "out.wav"
+            values = {"text": text, "voice": voice, "rate": int(rate), "pitch": int(pitch),
+                      "amplitude": int(amplitude), "out": str(raw)}
+            command = self.template.format(**{k: shlex.quote(str(v)) for k, v in values.items()})
+            result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise RuntimeError(f"tts.command failed (exit {result.returncode}) on text {text!r} with voice "
+                                   f"{voice!r}: {command}\n{result.stderr.strip()[-2000:]}")
+            try:
+                samples = audio.read_wav(raw)
+            except audio.AudioError as error:
+                raise RuntimeError(f"tts.command wrote no usable speech for text {text!r} with voice {voice!r}: "
+                                   f"{error} (command: {command})") from error
+        audio.write_wav(out_path, samples)
+        return len(samples) / audio.SAMPLE_RATE
+
+
+def engine(tts_params: dict):
+    """The synthesiser that `tts_params` (the `tts` section) names."""
+    name = tts_params["engine"]
+    if name == "espeak-ng":
+        return EspeakEngine()
+    if name == "command":
+        if not tts_params.get("command"):
+            raise ValueError("tts.engine command needs tts.command, a template with {text}, {voice} and {out}")
+        return CommandEngine(tts_params["command"])
+    raise ValueError(f"tts.engine {name!r}: unknown; expected espeak-ng or command")
 
 
 def _check_jobs(jobs: list[dict]) -> None:
@@ -110,15 +136,16 @@ def _check_jobs(jobs: list[dict]) -> None:
         if name in seen:
             raise ValueError(f"tts job id {name!r} appears twice; expected unique ids (one wav each)")
         seen.add(name)
-    check_voices([job["voice"] for job in jobs])
 
 
-def synthesize_all(jobs: list[dict], out_dir, workers: int = 2, desc: str = "tts") -> list[dict]:
-    """Synthesise every job to out_dir/{id}.wav, skipping wavs that already exist and read fine.
-
-    Returns the jobs in input order with `path` (the file name, relative to out_dir) and `duration` added.
+def synthesize_all(jobs: list[dict], out_dir, workers: int = 2, desc: str = "tts", synthesiser=None) -> list[dict]:
+    """Synthesise every job to out_dir/{id}.wav with `synthesiser` (default espeak-ng), skipping wavs that already
+    exist and read fine. Returns the jobs in input order with `path` (the file name, relative to out_dir) and
+    `duration` added.
     """
+    synthesiser = synthesiser or EspeakEngine()
     _check_jobs(jobs)
+    synthesiser.check_voices([job["voice"] for job in jobs])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -131,9 +158,9 @@ def synthesize_all(jobs: list[dict], out_dir, workers: int = 2, desc: str = "tts
                 return dict(job, path=name, duration=len(audio.read_wav(target)) / audio.SAMPLE_RATE)
             except audio.AudioError:
                 pass
-        duration = synthesize(job["text"], job["voice"], job["rate"], job["pitch"], job["amplitude"], target)
+        duration = synthesiser.synthesize(job["text"], job["voice"], job["rate"], job["pitch"], job["amplitude"], target)
         return dict(job, path=name, duration=duration)
 
-    # Threads suffice: the work happens in espeak-ng subprocesses, outside the GIL.
+    # Threads suffice: the work happens in the synthesiser's subprocesses, outside the GIL.
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(tqdm(pool.map(run, jobs), total=len(jobs), desc=desc, unit="clip"))

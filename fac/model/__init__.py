@@ -3,7 +3,7 @@ Importing this package registers `funaudiochat` with transformers' AutoConfig an
 
 from transformers import AutoConfig, AutoModel
 
-from .builders import build_config, paper_8b_config
+from .builders import build_config, paper_8b_config, resolve_geometry
 from .configuration import FunAudioChatAudioConfig, FunAudioChatConfig
 from .generation import FunAudioChatGenerateOutput
 from .modeling import (
@@ -28,5 +28,6 @@ __all__ = [
     "build_config",
     "check_checkpoint",
     "load_checkpoint",
+    "resolve_geometry",
     "paper_8b_config",
 ]

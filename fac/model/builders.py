@@ -126,6 +126,7 @@ def build_config(model_params: dict) -> FunAudioChatConfig:
     """
     if not isinstance(model_params, dict):
         raise ValueError(f"model params must be a mapping with sections {sorted(_SCHEMA)}, got {model_params!r}")
+    model_params = resolve_geometry(model_params)
     unknown = sorted(set(model_params) - set(_SCHEMA))
     if unknown:
         raise ValueError(f"model params: unknown section(s) {unknown}; allowed: {sorted(_SCHEMA)}")
@@ -268,6 +269,30 @@ def paper_8b_params(group_size: int = 5) -> dict[str, dict[str, Any]]:
         },
         "special_ids": dict(PAPER_SPECIAL_IDS),
     }
+
+
+# `model.geometry` in params: a named geometry that fills every section (and key) the params do not give.
+GEOMETRIES = {"paper_8b": paper_8b_params}
+
+
+def resolve_geometry(model_params: dict) -> dict:
+    """`model_params` with its named `geometry` (if any) filled in under the keys it gives; without one, as is.
+
+    Keys given in params win, section by section and key by key, and `speech.group_size` picks the grouping of
+    the named geometry. Sections that come from a component's own config (an imported LLM or encoder) are set
+    over this by the caller.
+    """
+    params = {name: dict(section) if isinstance(section, dict) else section for name, section in model_params.items()}
+    name = params.pop("geometry", None)
+    if name is None:
+        return params
+    if name not in GEOMETRIES:
+        raise ValueError(f"model params: geometry {name!r} is unknown; expected one of {sorted(GEOMETRIES)}")
+    group_size = int((params.get("speech") or {}).get("group_size", 5))
+    out = GEOMETRIES[name](group_size)
+    for section, values in params.items():
+        out[section] = {**out.get(section, {}), **values} if isinstance(values, dict) else values
+    return out
 
 
 def paper_8b_config(group_size: int = 5) -> FunAudioChatConfig:

@@ -61,7 +61,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 def sequence_logps(model, batch: dict) -> torch.Tensor:
     """Summed log-probs [B] of every scored target of each row: reply text tokens and speech codes."""
     out = model(**batch)
-    g = model.config.audio_config.group_size
+    # Under the deepspeed backend `model` is the engine, whose own `config` is DeepSpeed's: read the model's.
+    g = getattr(model, "module", model).config.audio_config.group_size
     text_labels = out.text_labels[:, 1:]
     text_logits = out.text_logits[:, :-1].float()
     mask = text_labels != IGNORE_INDEX

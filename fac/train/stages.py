@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
 from fac.data.steps import write_json
-from fac.model import FunAudioChatForConditionalGeneration, build_config, load_checkpoint
+from fac.model import FunAudioChatForConditionalGeneration, build_config, load_checkpoint, resolve_geometry
 from fac.model.configuration import FunAudioChatAudioConfig
 from fac.model.encoder import FunAudioChatContinuousEncoder
 from fac.model.processing import SpecialIds
@@ -58,10 +58,45 @@ def speech_codebook_size(speech_tokenizer_dir: str | Path) -> int:
     return int(cfg["codebook_size"]) + 4
 
 
-def model_config(model_params: dict, tokenizer, codebook_size: int):
-    """The DRSR config of an experiment: geometry from params, vocabulary and ids from the tokenizers."""
-    params = json.loads(json.dumps(model_params))
-    params["llm"]["vocab_size"] = len(tokenizer)
+# The language model the DRSR model wraps (fac.model.builders): Qwen3.
+LLM_MODEL_TYPES = ("qwen3",)
+_LLM_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+             "intermediate_size", "vocab_size", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings")
+_ENCODER_KEYS = ("num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
+                 "n_window", "max_source_positions")
+
+
+def llm_section(llm_config, origin: str) -> dict:
+    """The DRSR config's `llm` section from a base LLM's own config (trained in the DAG or imported)."""
+    if llm_config.model_type not in LLM_MODEL_TYPES:
+        raise ValueError(f"{origin}: a {llm_config.model_type!r} model; the DRSR language model is one of "
+                         f"{list(LLM_MODEL_TYPES)} (a transformers causal LM folder of that type)")
+    section = {key: getattr(llm_config, key) for key in _LLM_KEYS}
+    rope = getattr(llm_config, "rope_parameters", None) or {}
+    section["rope_theta"] = float(rope.get("rope_theta", getattr(llm_config, "rope_theta", None) or 10000.0))
+    return section
+
+
+def encoder_section(audio_config) -> dict:
+    """The DRSR config's `encoder` section from an encoder checkpoint's config.json (FunAudioChatAudioConfig)."""
+    return {key: getattr(audio_config, key) for key in _ENCODER_KEYS}
+
+
+def model_config(model_params: dict, tokenizer, codebook_size: int, llm_config=None, audio_config=None,
+                 origin: str = "base LLM"):
+    """The DRSR config of an experiment: the LLM's and the encoder's geometry from their own configs where given
+    (else from params), the SRH and grouping from params, every text id from the tokenizer. The vocabulary is the
+    LLM's embedding rows, which may exceed the tokenizer (Qwen3: 151,936 rows for 151,674 tokens)."""
+    params = resolve_geometry(json.loads(json.dumps(model_params)))
+    if llm_config is not None:
+        params["llm"] = llm_section(llm_config, origin)
+    else:
+        params["llm"]["vocab_size"] = len(tokenizer)
+    if audio_config is not None:
+        params["encoder"] = encoder_section(audio_config)
+    if len(tokenizer) > params["llm"]["vocab_size"]:
+        raise ValueError(f"{origin}: {params['llm']['vocab_size']} token embeddings, but the tokenizer has "
+                         f"{len(tokenizer)} tokens; the base LLM must be saved with the experiment's tokenizer")
     params.setdefault("speech", {})["codebook_size"] = codebook_size
     params["special_ids"] = special_id_params(tokenizer)
     return build_config(params)
@@ -80,13 +115,36 @@ def _save_with_tokenizer(model, tokenizer, out_dir: str | Path, summary: dict, h
 # --------------------------------------------------------------------------------------- base LLM
 
 
+def import_llm(source: str, tokenizer, out_dir: str | Path) -> dict:
+    """LLM kind `import`: a transformers causal LM folder (e.g. Qwen3-8B), saved with the experiment's tokenizer.
+
+    Its embedding rows are resized only when the tokenizer has more tokens than it has rows (Qwen3 has 151,936 rows
+    for 151,669 tokens, so Fun-Audio-Chat's five audio tokens need none); every tensor is otherwise kept as it is.
+    """
+    from transformers import AutoConfig
+
+    folder = Path(source)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"base_llm.import {folder}: no config.json (expected a transformers model folder)")
+    llm_section(AutoConfig.from_pretrained(folder), f"base_llm.import {folder}")  # a model the DRSR model can wrap
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    rows = model.get_input_embeddings().weight.shape[0]
+    resized = len(tokenizer) > rows
+    if resized:
+        model.resize_token_embeddings(len(tokenizer))
+        log.info("base LLM %s: %d embedding rows resized to the tokenizer's %d tokens", folder, rows, len(tokenizer))
+    summary = {"stage": "base_llm", "imported": str(folder), "embedding_rows": max(rows, len(tokenizer)),
+               "resized": resized}
+    _save_with_tokenizer(model, tokenizer, out_dir, summary)
+    return summary
+
+
 def train_base_llm(stage: dict, model_params: dict, world_dir: str, tokenizer_dir: str, out_dir: str,
                    state_root: str, run_info: dict) -> dict:
     tokenizer = load_tokenizer(tokenizer_dir)
     if stage.get("import"):
-        model = AutoModelForCausalLM.from_pretrained(stage["import"])
-        _save_with_tokenizer(model, tokenizer, out_dir, {"stage": "base_llm", "imported": stage["import"]})
-        return {"imported": stage["import"]}
+        return import_llm(stage["import"], tokenizer, out_dir)
+    model_params = resolve_geometry(model_params)
     data = TextData(world_dir, tokenizer, stage.get("slot_questions"),
                     int(model_params.get("speech", {}).get("group_size", 5)))
     cfg = StageConfig.from_params(resolve_steps(stage, len(data.examples)))
@@ -314,37 +372,42 @@ def whisper_to_tower(whisper_encoder_state: dict[str, torch.Tensor]) -> dict[str
     return out
 
 
-def import_whisper_encoder(source: str, model_params: dict, out_dir: str) -> dict:
-    """Paper scale: the encoder is Whisper's (e.g. openai/whisper-large-v3), from a path or hub id."""
+def import_whisper_encoder(source: str, model_params: dict, base_llm_dir: str | Path, out_dir: str) -> dict:
+    """Encoder kind `import`: Whisper's encoder (e.g. whisper-large-v3) from a transformers Whisper folder. Its
+    geometry comes from the folder's config, the adapter's output width from the base LLM's hidden size."""
     from safetensors.torch import save_file
-    from transformers import WhisperModel
+    from transformers import AutoConfig, WhisperModel
 
-    whisper = WhisperModel.from_pretrained(source)
+    folder = Path(source)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"encoder.import {folder}: no config.json (expected a transformers Whisper folder)")
+    whisper = WhisperModel.from_pretrained(folder)
     wcfg = whisper.config
+    hidden = AutoConfig.from_pretrained(base_llm_dir).hidden_size
     audio_config = FunAudioChatAudioConfig(
         num_mel_bins=wcfg.num_mel_bins, d_model=wcfg.d_model, encoder_layers=wcfg.encoder_layers,
         encoder_attention_heads=wcfg.encoder_attention_heads, encoder_ffn_dim=wcfg.encoder_ffn_dim,
         # The official model runs Whisper in 2 s windows (n_window 100 mel frames a side).
         n_window=model_params.get("encoder", {}).get("n_window", 100), max_source_positions=wcfg.max_source_positions,
-        output_dim=model_params["llm"]["hidden_size"])
+        output_dim=hidden)
     tower = FunAudioChatContinuousEncoder(audio_config)
     missing, unexpected = tower.load_state_dict(whisper_to_tower(whisper.encoder.state_dict()), strict=False)
     if unexpected or set(missing) - {"proj.weight", "proj.bias", "audio_bos_eos_token.weight"}:
-        raise ValueError(f"{source}: not a Whisper encoder of the expected layout (missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]})")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({f"continuous_audio_tower.{k}": v.contiguous() for k, v in tower.state_dict().items()},
-              str(out / "model.safetensors"))
-    audio_config.to_json_file(str(out / "config.json"))
-    write_json({"imported": source}, out / "metrics.json")
-    return {"imported": source}
+        raise ValueError(f"encoder.import {folder}: not a Whisper encoder of the expected layout (missing "
+                         f"{missing[:4]}, unexpected {unexpected[:4]})")
+    with atomic_folder(out_dir) as tmp:
+        save_file({f"continuous_audio_tower.{k}": v.contiguous() for k, v in tower.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        audio_config.to_json_file(str(tmp / "config.json"))
+        write_json({"imported": str(folder)}, tmp / "metrics.json")
+    return {"imported": str(folder)}
 
 
 def train_encoder(stage: dict, model_params: dict, manifest_dir: str, data_root: str, tokenizer_dir: str,
                   base_llm_dir: str, out_dir: str, state_root: str, run_info: dict) -> dict:
+    model_params = resolve_geometry(model_params)
     if stage.get("import"):
-        return import_whisper_encoder(stage["import"], model_params, out_dir)
+        return import_whisper_encoder(stage["import"], model_params, base_llm_dir, out_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     embeddings = AutoModelForCausalLM.from_pretrained(base_llm_dir).get_input_embeddings().weight.detach()
     if embeddings.shape[0] != len(tokenizer):
@@ -355,7 +418,7 @@ def train_encoder(stage: dict, model_params: dict, manifest_dir: str, data_root:
         num_mel_bins=enc["num_mel_bins"], d_model=enc["d_model"], encoder_layers=enc["encoder_layers"],
         encoder_attention_heads=enc["encoder_attention_heads"], encoder_ffn_dim=enc["encoder_ffn_dim"],
         n_window=enc["n_window"], max_source_positions=enc["max_source_positions"],
-        output_dim=model_params["llm"]["hidden_size"])
+        output_dim=embeddings.shape[1])  # the encoder projects to the base LLM's width
     features = FeatureCache(data_root, enc["num_mel_bins"])
     train = TranscriptData(manifest_dir, list(stage.get("data", {})), features, tokenizer)
     cfg = StageConfig.from_params(resolve_steps(stage, len(train.records)))
@@ -415,8 +478,14 @@ def init_model(model_params: dict, base_llm_dir: str, encoder_dir: str, tokenize
     """Assemble the DRSR model: the base LLM and the pretrained encoder; adapter and SRH freshly initialised."""
     from safetensors.torch import load_file
 
+    from transformers import AutoConfig
+
     tokenizer = load_tokenizer(tokenizer_dir)
-    config = model_config(model_params, tokenizer, speech_codebook_size(speech_tokenizer_dir))
+    # The LLM's and the encoder's geometry are theirs (trained in the DAG or imported), not the params'.
+    config = model_config(model_params, tokenizer, speech_codebook_size(speech_tokenizer_dir),
+                          llm_config=AutoConfig.from_pretrained(base_llm_dir),
+                          audio_config=FunAudioChatAudioConfig.from_json_file(str(Path(encoder_dir) / "config.json")),
+                          origin=f"base LLM {base_llm_dir}")
     torch.manual_seed(seed)
     model = FunAudioChatForConditionalGeneration(config)
     llm = AutoModelForCausalLM.from_pretrained(base_llm_dir)

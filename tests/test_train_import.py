@@ -1,0 +1,69 @@
+"""Components the paper takes pretrained, imported: a Qwen3 LLM folder is saved with the experiment's tokenizer
+(its rows resized only when they must be), and the DRSR model takes the LLM's geometry and vocabulary from it."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, GPT2Config
+
+from fac.data.text_tokenizer import RELEASED_IDS, adopt_pretrained
+from fac.train import stages
+from standins import QWEN3_EMBEDDING_ROWS, qwen3_llm, qwen_tokenizer
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    """A Qwen3 folder as a researcher has it on disk, and the experiment's tokenizer adopted from it."""
+    root = tmp_path_factory.mktemp("qwen3")
+    folder = qwen3_llm(qwen_tokenizer(root / "Qwen3"))
+    adopt_pretrained(folder, root / "tokenizer")
+    return folder, root / "tokenizer"
+
+
+def test_imported_qwen3_keeps_every_tensor_and_its_rows_and_is_saved_with_the_experiments_tokenizer(qwen, tmp_path):
+    folder, tokenizer_dir = qwen
+    summary = stages.train_base_llm({"import": str(folder)}, {}, "", str(tokenizer_dir), tmp_path / "base_llm", "", {})
+    assert summary["resized"] is False and summary["embedding_rows"] == QWEN3_EMBEDDING_ROWS
+    source, saved = load_file(str(folder / "model.safetensors")), load_file(str(tmp_path / "base_llm/model.safetensors"))
+    assert saved.keys() == source.keys()
+    assert [name for name in source if not torch.equal(source[name], saved[name])] == []
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "base_llm")
+    assert len(tokenizer) == 151674 and tokenizer.convert_tokens_to_ids("<|sil|>") == RELEASED_IDS["<|sil|>"]
+
+
+def test_import_resizes_the_embeddings_only_when_the_tokenizer_has_more_tokens(qwen, tmp_path):
+    _, tokenizer_dir = qwen
+    small = qwen3_llm(tmp_path / "small", vocab_size=151669)  # as many rows as Qwen3 has tokens: five too few
+    summary = stages.import_llm(str(small), AutoTokenizer.from_pretrained(tokenizer_dir), tmp_path / "base_llm")
+    assert summary["resized"] is True
+    saved = load_file(str(tmp_path / "base_llm/model.safetensors"))
+    before = load_file(str(small / "model.safetensors"))
+    assert saved["model.embed_tokens.weight"].shape[0] == 151674
+    assert torch.equal(saved["model.embed_tokens.weight"][:151669], before["model.embed_tokens.weight"])
+
+
+def test_import_refuses_a_folder_of_another_model_type_and_names_it(qwen, tmp_path):
+    _, tokenizer_dir = qwen
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match=f"base_llm.import {tmp_path / 'gpt2'}: a 'gpt2' model"):
+        stages.import_llm(str(tmp_path / "gpt2"), AutoTokenizer.from_pretrained(tokenizer_dir), tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        stages.import_llm(str(tmp_path / "nothing"), AutoTokenizer.from_pretrained(tokenizer_dir), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_drsr_config_takes_the_imported_llms_geometry_rows_and_the_tokenizers_ids(qwen, tmp_path):
+    from transformers import AutoConfig
+
+    folder, tokenizer_dir = qwen
+    params = {"speech": {"group_size": 5}, "srh": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                                    "num_key_value_heads": 1, "head_dim": 8, "intermediate_size": 32},
+              "encoder": {"num_mel_bins": 128, "d_model": 16, "encoder_layers": 1, "encoder_attention_heads": 2,
+                          "encoder_ffn_dim": 32, "n_window": 50, "max_source_positions": 50}}
+    config = stages.model_config(params, AutoTokenizer.from_pretrained(tokenizer_dir), 6565,
+                                 llm_config=AutoConfig.from_pretrained(folder))
+    text = config.text_config
+    assert (text.vocab_size, text.hidden_size, text.num_hidden_layers) == (QWEN3_EMBEDDING_ROWS, 32, 2)
+    assert config.audio_token_index == RELEASED_IDS["<|AUDIO|>"]
+    assert json.loads(config.to_json_string())["text_config"]["vocab_size"] == 151936
