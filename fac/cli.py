@@ -106,6 +106,8 @@ def _train(args) -> None:
 
         summary = train_dpo(p["stage"], args.model, args.pairs, args.data_root, args.out, args.state_root,
                             _run_info(args))
+    elif args.stage == "init" and (p.get("init") or {}).get("released"):
+        summary = stages.init_from_released(p["init"]["released"], args.tokenizer, args.speech_tokenizer, args.out)
     elif args.stage == "init":
         summary = stages.init_model(p["model"], args.base_llm, args.encoder, args.tokenizer, args.speech_tokenizer,
                                     args.manifests, args.data_root, args.out, p["seed"])
@@ -262,15 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     infer.set_defaults(func=_infer)
 
     step("world", "build the knowledge base, documents and QA pairs", "--params", "--source", "--out")
-    step("text-tokenizer", "train the BPE text tokenizer", "--params", "--world", "--out")
-    step("tts", "synthesise every planned utterance with espeak-ng", "--params", "--world", "--source",
+    step("text-tokenizer", "train the BPE text tokenizer, or adopt a pretrained one", "--params", "--world", "--out")
+    step("tts", "synthesise every planned utterance (espeak-ng, or a command template)", "--params", "--world", "--source",
          "--data-root", "--out")
     step("asr-lm", "build the ASR language model and dictionary from the world's text", "--params", "--world",
          "--out")
-    step("asr-filter", "transcribe, score WER, drop bad utterances", "--params", "--utterances", "--lm",
+    step("asr-filter", "transcribe (pocketsphinx or Whisper), score WER, drop bad utterances", "--params", "--utterances", "--lm",
          "--data-root", "--out", "--report")
     step("noisy", "noisy copies at the configured SNRs", "--params", "--filtered", "--data-root", "--out")
-    step("speech-tokenizer", "learn 25 Hz speech units (k-means)", "--params", "--filtered", "--data-root",
+    step("speech-tokenizer", "learn 25 Hz speech units (k-means), or adopt CosyVoice's S3 tokenizer", "--params", "--filtered", "--data-root",
          "--out")
     step("speech-tokens", "encode every utterance into speech units", "--tokenizer", "--inputs", "--data-root",
          "--out", "--stats")

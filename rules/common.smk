@@ -113,6 +113,54 @@ def import_source(stage):
     return [folder] if folder else []
 
 
+def asr_scorer_inputs(wildcards):
+    """pocketsphinx scores with the world's LM and dictionary; Whisper with its model folder."""
+    if config["asr"]["engine"] == "pocketsphinx":
+        return {"lm": rules.asr_lm.output.lm, "dictionary": rules.asr_lm.output.dictionary}
+    return {"model": config["asr"]["model"]}
+
+
+def asr_lm_flag(wildcards, input):
+    return f"--lm {os.path.dirname(input.lm)}" if "lm" in input.keys() else ""
+
+
+def speech_tokenizer_inputs(wildcards):
+    """k-means learns its units from the filtered speech; S3 comes from its file."""
+    if config["speech_tokenizer"]["kind"] == "s3":
+        return {"source": config["speech_tokenizer"]["path"]}
+    return {"filtered": rules.asr_filter.output.kept}
+
+
+def speech_tokenizer_data_flag(wildcards, input):
+    return f"--filtered {input.filtered}" if "filtered" in input.keys() else ""
+
+
+def released_weights():
+    """`init.released`: a Fun-Audio-Chat checkpoint folder the DRSR model starts from, or None."""
+    return (config.get("init") or {}).get("released")
+
+
+def init_params():
+    params = {"model": config["model"], "seed": config["seed"]}
+    if released_weights():
+        params["init"] = {"released": released_weights()}
+    return params
+
+
+def init_sources(wildcards):
+    """What init starts from: the released weights, or the base LLM, the encoder and the data for the adapter scale."""
+    if released_weights():
+        return {"released": released_weights()}
+    return {"base_llm": rules.base_llm.output[0], "encoder": rules.encoder.output[0],
+            "manifests": rules.manifests.output.counts}
+
+
+def init_source_flags(wildcards, input):
+    if released_weights():
+        return ""  # the folder is in --params (and an input, so a missing one is named before any job)
+    return f"--base-llm {input.base_llm} --encoder {input.encoder} --manifests {os.path.dirname(input.manifests)}"
+
+
 def manifest_names():
     """The manifests the data half must produce, from the tasks, splits and noise settings."""
     names = []

@@ -78,7 +78,7 @@ rule asr_lm:
         lm=f"{DATA}/asr/lm.arpa",
         dictionary=f"{DATA}/asr/words.dict",
     params:
-        cfg=as_json({"lm_order": config["asr"]["lm_order"]}),
+        cfg=as_json({"lm_order": config["asr"].get("lm_order")}),  # pocketsphinx only (asr_scorer_inputs)
         world=input_folder_of("sentences"),
         out=folder_of("lm"),
     conda:
@@ -91,16 +91,15 @@ rule asr_lm:
 
 rule asr_filter:
     input:
+        unpack(asr_scorer_inputs),
         utterances=rules.tts.output[0],
-        lm=rules.asr_lm.output.lm,
-        dictionary=rules.asr_lm.output.dictionary,
     output:
         kept=f"{DATA}/asr/filtered.jsonl",
         report=f"{DATA}/asr/filter_report.json",
     params:
         root=data_root,
         cfg=as_json(config["asr"]),
-        lm=input_folder_of("lm"),
+        lm=asr_lm_flag,
     conda:
         ENV
     threads: config["asr"]["workers"]
@@ -109,7 +108,7 @@ rule asr_filter:
     benchmark:
         f"{BENCH}/data/asr_filter.tsv"
     shell:
-        "fac data asr-filter --params {params.cfg} --utterances {input.utterances} --lm {params.lm}"
+        "fac data asr-filter --params {params.cfg} --utterances {input.utterances} {params.lm}"
         " --data-root {params.root} --out {output.kept} --report {output.report} 2> {log}"
 
 
@@ -133,12 +132,13 @@ rule noisy:
 
 rule speech_tokenizer:
     input:
-        rules.asr_filter.output.kept,
+        unpack(speech_tokenizer_inputs),
     output:
         directory(f"{DATA}/speech_tokenizer"),
     params:
         root=data_root,
         cfg=as_json(config["speech_tokenizer"]),
+        filtered=speech_tokenizer_data_flag,
     conda:
         ENV
     log:
@@ -146,7 +146,7 @@ rule speech_tokenizer:
     benchmark:
         f"{BENCH}/data/speech_tokenizer.tsv"
     shell:
-        "fac data speech-tokenizer --params {params.cfg} --filtered {input} --data-root {params.root}"
+        "fac data speech-tokenizer --params {params.cfg} {params.filtered} --data-root {params.root}"
         " --out {output} 2> {log}"
 
 

@@ -57,27 +57,25 @@ rule encoder:
 
 
 rule init_model:
+    """The DRSR model before training: assembled from the base LLM and the encoder, or the released weights."""
     input:
-        base_llm=rules.base_llm.output[0],
-        encoder=rules.encoder.output[0],
+        unpack(init_sources),
         tokenizer=rules.text_tokenizer.output.tokenizer,
         speech_tokenizer=rules.speech_tokenizer.output[0],
-        manifests=rules.manifests.output.counts,
     output:
         directory(f"{RESULTS}/checkpoints/init"),
     params:
-        cfg=as_json({"model": config["model"], "seed": config["seed"]}),
+        cfg=as_json(init_params()),
         tokenizer=input_folder_of("tokenizer"),
-        manifests=input_folder_of("manifests"),
+        sources=init_source_flags,
         root=data_root,
     conda:
         ENV
     log:
         f"{LOGS}/train/init_model.log",
     shell:
-        "fac train init --params {params.cfg} --base-llm {input.base_llm} --encoder {input.encoder}"
-        " --tokenizer {params.tokenizer} --speech-tokenizer {input.speech_tokenizer}"
-        " --manifests {params.manifests} --data-root {params.root} --out {output} 2> {log}"
+        "fac train init --params {params.cfg} {params.sources} --tokenizer {params.tokenizer}"
+        " --speech-tokenizer {input.speech_tokenizer} --data-root {params.root} --out {output} 2> {log}"
 
 
 rule train_drsr:

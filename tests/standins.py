@@ -63,3 +63,72 @@ def qwen3_llm(folder: str | Path, hidden_size: int = 32, layers: int = 2, vocab_
                          bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return Path(folder)
+
+
+def released_checkpoint(folder: str | Path, seed: int = 0, max_shard_size: str = "4MB") -> Path:
+    """A random Fun-Audio-Chat checkpoint in the released layout: config.json and safetensors shards with an index,
+    Qwen3's vocabulary rows and the released special ids, 6,561 S3 codes + 4 speech specials, 128 mel bins."""
+    import torch
+
+    from fac.model import FunAudioChatForConditionalGeneration, build_config
+    from fac.model.builders import PAPER_SPECIAL_IDS
+
+    config = build_config({
+        "llm": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                "head_dim": 16, "intermediate_size": 64, "vocab_size": QWEN3_EMBEDDING_ROWS, "rope_theta": 1e6},
+        "encoder": {"num_mel_bins": 128, "d_model": 16, "encoder_layers": 1, "encoder_attention_heads": 2,
+                    "encoder_ffn_dim": 32, "n_window": 50, "max_source_positions": 50},
+        "speech": {"codebook_size": 6565, "group_size": 5},
+        "srh": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                "head_dim": 8, "intermediate_size": 32},
+        "special_ids": dict(PAPER_SPECIAL_IDS)})
+    torch.manual_seed(seed)
+    FunAudioChatForConditionalGeneration(config).save_pretrained(folder, max_shard_size=max_shard_size)
+    return Path(folder)
+
+
+def whisper_asr(folder: str | Path, seed: int = 0) -> Path:
+    """A random Whisper speech-recognition folder as `save_pretrained` writes whisper-large-v3's: model (128 mel
+    bins) with its generation config, a byte-level tokenizer with Whisper's task tokens, the feature extractor."""
+    import torch
+    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
+                              WhisperTokenizerFast)
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["the red cat sat on the mat", "hello world"], trainer=trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = WhisperTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                     unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"extra_special_tokens": ["<|startoftranscript|>", "<|en|>", "<|transcribe|>",
+                                                            "<|translate|>", "<|notimestamps|>"]})
+    ids = tokenizer.convert_tokens_to_ids
+    end, start = ids("<|endoftext|>"), ids("<|startoftranscript|>")
+    config = WhisperConfig(vocab_size=len(tokenizer), num_mel_bins=128, d_model=32, encoder_layers=1, decoder_layers=1,
+                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                           max_source_positions=1500, max_target_positions=64, pad_token_id=end, bos_token_id=end,
+                           eos_token_id=end, decoder_start_token_id=start)
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=start, eos_token_id=end, pad_token_id=end, no_timestamps_token_id=ids("<|notimestamps|>"),
+        lang_to_id={"<|en|>": ids("<|en|>")}, is_multilingual=True, max_length=16,
+        task_to_id={"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")})
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    WhisperFeatureExtractor(feature_size=128).save_pretrained(folder)
+    return Path(folder)
+
+
+def s3_tokenizer_file(path: str | Path, width: int = 128, layers: int = 2, seed: int = 0) -> Path:
+    """A random CosyVoice 3 S3 tokenizer as a PyTorch state dict (`*.pt`), the s3tokenizer package's own layout:
+    128 mel bins, 64-wide heads, the FSQ quantizer of 3^8 = 6,561 codes; only width and depth are small."""
+    import torch
+    from s3tokenizer.model_v3 import ModelConfigV3, S3TokenizerV3
+
+    torch.manual_seed(seed)
+    model = S3TokenizerV3("speech_tokenizer_v3_25hz",
+                          ModelConfigV3(n_audio_state=width, n_audio_head=width // 64, n_audio_layer=layers))
+    torch.save({k: v for k, v in model.state_dict().items() if not k.endswith("freqs_cis")}, path)
+    return Path(path)

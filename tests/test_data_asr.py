@@ -167,3 +167,33 @@ def test_filter_utterances_raises_on_an_unreadable_wav_naming_it(world, tmp_path
     (tmp_path / "broken.wav").write_bytes(b"not audio at all")
     with pytest.raises(audio.AudioError, match=r"broken\.wav: not a readable audio file"):
         asr.filter_utterances([{"path": "broken.wav", "text": "the red cat"}], tmp_path, recognizer, max_wer=0.2)
+
+
+# ------------------------------------------------------------------ engine whisper (transformers, batched)
+
+def test_whisper_scorer_transcribes_a_batch_as_it_transcribes_each_clip(tmp_path):
+    from standins import whisper_asr
+
+    scorer = asr.recognizer({"engine": "whisper", "model": str(whisper_asr(tmp_path / "whisper")), "batch_size": 3})
+    rng = np.random.default_rng(0)
+    clips = [0.1 * rng.standard_normal(n).astype(np.float32) for n in (8000, 16000, 24000, 4000)]
+    batched = scorer.transcribe_batch(clips)
+    assert len(batched) == 4 and all(isinstance(t, str) and t == t.lower() for t in batched)
+    assert batched == [scorer.transcribe(clip) for clip in clips]
+
+
+def test_whisper_filter_scores_every_clip_in_batches(tmp_path, world):
+    from standins import whisper_asr
+
+    folder, utterances, _ = world
+    scorer = asr.WhisperRecognizer(whisper_asr(tmp_path / "whisper"), batch_size=4)
+    judged, stats = asr.filter_utterances(utterances, folder / "wavs", scorer, max_wer=0.5, workers=2)
+    assert [u["id"] for u in judged] == [u["id"] for u in utterances]
+    assert stats["total"] == len(utterances) and stats["kept"] == sum(u["wer"] <= 0.5 for u in judged)
+
+
+def test_whisper_model_folder_must_be_complete(tmp_path):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half/config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"asr.model .*half: lacks \['preprocessor_config.json'\]"):
+        asr.WhisperRecognizer(tmp_path / "half")

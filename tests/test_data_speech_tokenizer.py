@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from fac.data import audio, speech_tokenizer, tts
 from fac.data.speech_tokenizer import SpeechTokenizer
@@ -124,3 +125,54 @@ def test_usage_stats_count_codes_and_perplexity():
 
 def test_usage_stats_of_one_repeated_code_has_perplexity_one(tokenizer):
     assert tokenizer.usage_stats([[5, 5, 5]])["perplexity"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ kind s3 (CosyVoice's tokenizer, s3tokenizer)
+
+def test_s3_tokenizer_from_a_state_dict_codes_25_per_second_and_survives_save_and_load(tmp_path):
+    import s3tokenizer
+    from s3tokenizer.model_v3 import ModelConfigV3, S3TokenizerV3
+
+    from fac.data.speech_tokenizer import S3SpeechTokenizer, load_speech_tokenizer
+    from standins import s3_tokenizer_file
+
+    path = s3_tokenizer_file(tmp_path / "speech_tokenizer_v3.pt")
+    tok = S3SpeechTokenizer.from_file(path)
+    assert tok.version == "v3" and tok.codebook_size == 6561
+    assert tok.dims == {"n_mels": 128, "n_audio_state": 128, "n_audio_head": 2, "n_audio_layer": 2, "n_codebook_size": 6561}
+    samples = 0.1 * np.random.default_rng(0).standard_normal(3 * 16000).astype(np.float32)
+    codes = tok.encode(samples)
+    assert len(codes) == 75 and all(0 <= c < 6561 for c in codes)  # 3 s at 25 Hz
+    # the package's own model on the same file and clip gives the same codes
+    reference = S3TokenizerV3("speech_tokenizer_v3_25hz", ModelConfigV3(n_audio_state=128, n_audio_head=2, n_audio_layer=2))
+    reference.load_state_dict(torch.load(path), strict=False)
+    mel = s3tokenizer.log_mel_spectrogram(torch.from_numpy(samples))
+    expected, lengths = reference.quantize(mel[None], torch.tensor([mel.shape[-1]]))
+    assert codes == expected[0, : int(lengths[0])].tolist()
+    tok.save(tmp_path / "folder")
+    again = load_speech_tokenizer(tmp_path / "folder")
+    assert isinstance(again, S3SpeechTokenizer) and again.encode(samples) == codes
+    assert json.loads((tmp_path / "folder/config.json").read_text())["codebook_size"] == 6561
+
+
+def test_s3_tokenizer_file_errors_name_the_file(tmp_path):
+    from fac.data.speech_tokenizer import S3SpeechTokenizer
+
+    with pytest.raises(FileNotFoundError, match=r"speech_tokenizer.path .*missing.onnx: no such file"):
+        S3SpeechTokenizer.from_file(tmp_path / "missing.onnx")
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other.pt: not an S3 tokenizer state dict"):
+        S3SpeechTokenizer.from_file(tmp_path / "other.pt")
+
+
+def test_speech_tokenizer_step_adopts_the_s3_file_and_checks_its_codebook(tmp_path):
+    from fac.data import steps
+    from standins import s3_tokenizer_file
+
+    path = s3_tokenizer_file(tmp_path / "speech_tokenizer_v3.pt")
+    stats = steps.train_speech_tokenizer({"kind": "s3", "codebook_size": 6561, "path": str(path)}, None, str(tmp_path),
+                                         str(tmp_path / "tok"))
+    assert stats["codebook_size"] == 6561 and (tmp_path / "tok/model.safetensors").is_file()
+    with pytest.raises(ValueError, match="6561 codes, but speech_tokenizer.codebook_size is 4096"):
+        steps.train_speech_tokenizer({"kind": "s3", "codebook_size": 4096, "path": str(path)}, None, str(tmp_path),
+                                     str(tmp_path / "tok2"))

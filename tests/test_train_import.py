@@ -67,3 +67,68 @@ def test_drsr_config_takes_the_imported_llms_geometry_rows_and_the_tokenizers_id
     assert (text.vocab_size, text.hidden_size, text.num_hidden_layers) == (QWEN3_EMBEDDING_ROWS, 32, 2)
     assert config.audio_token_index == RELEASED_IDS["<|AUDIO|>"]
     assert json.loads(config.to_json_string())["text_config"]["vocab_size"] == 151936
+
+
+# ------------------------------------------------------------------ init.released (the released weights)
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    from standins import released_checkpoint
+
+    folder = released_checkpoint(tmp_path_factory.mktemp("released") / "Fun-Audio-Chat-8B")
+    assert len(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    return folder
+
+
+def s3_tokenizer_config(folder, codes: int = 6561):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"codebook_size": codes}))
+    return folder
+
+
+def test_init_from_the_released_weights_keeps_every_tensor_bit_for_bit(released, qwen, tmp_path):
+    _, tokenizer_dir = qwen
+    shards = sorted({f for f in json.loads((released / "model.safetensors.index.json").read_text())["weight_map"].values()})
+    assert len(shards) > 1  # sharded, as released
+    stages.init_from_released(str(released), str(tokenizer_dir), str(s3_tokenizer_config(tmp_path / "s3")),
+                              str(tmp_path / "init"))
+    source = {}
+    for shard in shards:
+        source.update(load_file(str(released / shard)))
+    from fac.model import load_checkpoint
+
+    saved = load_checkpoint(tmp_path / "init").state_dict()
+    assert [name for name in source if not torch.equal(source[name], saved[name])] == []
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "init")
+    assert tokenizer.convert_tokens_to_ids("<|AUDIO|>") == 151669
+
+
+def test_released_weights_with_another_tokenizer_are_refused_naming_the_ids(released, tmp_path):
+    from fac.data.text_tokenizer import train_tokenizer
+
+    train_tokenizer(["the red cat", "a blue dog"], 300, tmp_path / "bpe")  # the tiny world's own BPE: ids from 0
+    with pytest.raises(ValueError, match=r"init.released .*puts special tokens where the checkpoint does not "
+                                         r"\(pad: tokenizer 0, checkpoint 151643"):
+        stages.init_from_released(str(released), str(tmp_path / "bpe"), str(s3_tokenizer_config(tmp_path / "s3")),
+                                  str(tmp_path / "init"))
+    assert not (tmp_path / "init").exists()
+
+
+def test_released_weights_with_another_speech_codebook_are_refused(released, qwen, tmp_path):
+    _, tokenizer_dir = qwen
+    with pytest.raises(ValueError, match=r"gives a codebook of 260 \(256 codes \+ 4 specials\), the checkpoint's is 6565"):
+        stages.init_from_released(str(released), str(tokenizer_dir), str(s3_tokenizer_config(tmp_path / "km", 256)),
+                                  str(tmp_path / "init"))
+
+
+def test_released_folder_missing_a_shard_is_named(released, qwen, tmp_path):
+    import shutil
+
+    _, tokenizer_dir = qwen
+    broken = tmp_path / "broken"
+    shutil.copytree(released, broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises((FileNotFoundError, ValueError), match=shard.name):
+        stages.init_from_released(str(broken), str(tokenizer_dir), str(s3_tokenizer_config(tmp_path / "s3")),
+                                  str(tmp_path / "init"))

@@ -41,9 +41,20 @@ def params_of(proc: subprocess.CompletedProcess, action: str) -> dict:
     return json.loads(words[words.index("--params") + 1])
 
 
+# What params/paper.yaml reads from disk: the Qwen3 folder (tokenizer and LLM), the Whisper folder (encoder and ASR
+# scorer) and CosyVoice 3's S3 tokenizer.
+PAPER_COMPONENTS = ("models/Qwen3-8B", "models/whisper-large-v3", "models/speech_tokenizer_v3.onnx")
+
+
+def paper_components(workdir, leave_out=None):
+    for path in PAPER_COMPONENTS:
+        if path != leave_out:
+            (workdir / path).parent.mkdir(parents=True, exist_ok=True)
+            (workdir / path).mkdir() if "." not in Path(path).name else (workdir / path).touch()
+
+
 def test_paper_params_stand_alone_without_the_tiny_worlds_keys(tmp_path):
-    for folder in ("models/Qwen3-8B", "models/whisper-large-v3"):
-        (tmp_path / folder).mkdir(parents=True)
+    paper_components(tmp_path)
     proc = snakemake(tmp_path, "-n", "-p", overlays=(), base="params/paper.yaml")
     base_llm = params_of(proc, "train base-llm")
     # Only paper.yaml's keys: no tiny LLM geometry, no tiny-world steps leak in from params/default.yaml.
@@ -51,13 +62,16 @@ def test_paper_params_stand_alone_without_the_tiny_worlds_keys(tmp_path):
                         "stage": {"import": "models/Qwen3-8B"}}
     tokenizer = params_of(proc, "data text-tokenizer")
     assert tokenizer == {"kind": "pretrained", "path": "models/Qwen3-8B"}
+    assert params_of(proc, "data speech-tokenizer")["kind"] == "s3"
+    assert "fac data asr-lm" not in proc.stdout + proc.stderr  # Whisper scores without the world's n-gram LM
 
 
-def test_a_missing_pretrained_component_folder_stops_before_any_job_and_is_named(tmp_path):
+@pytest.mark.parametrize("component", PAPER_COMPONENTS)
+def test_a_missing_pretrained_component_stops_before_any_job_and_is_named(component, tmp_path):
+    paper_components(tmp_path, leave_out=component)
     proc = snakemake(tmp_path, "-n", overlays=(), base="params/paper.yaml", check=False)
     assert proc.returncode != 0
-    assert "Missing input files for rule text_tokenizer" in proc.stdout + proc.stderr
-    assert "models/Qwen3-8B" in proc.stdout + proc.stderr
+    assert "Missing input files for rule" in proc.stdout + proc.stderr and component in proc.stdout + proc.stderr
 
 
 def test_unknown_voice_stops_before_any_job_and_names_it(tmp_path):
@@ -265,3 +279,13 @@ def test_tts_rule_speaks_through_a_command_template(tmp_path):
     folders = {Path(row["path"]).parent.as_posix() for row in rows}
     assert len(rows) > 10 and len(folders) == 1 and folders.pop().startswith("tts/wavs-command-")
     assert all((tmp_path / "results/micro/data" / row["path"]).is_file() for row in rows)
+
+
+def test_init_from_released_weights_starts_from_that_folder_instead_of_the_assembly(tmp_path):
+    (tmp_path / "released").mkdir()
+    proc = snakemake(tmp_path, "-n", "-p", overlays=overlay(tmp_path, f"init: {{released: {tmp_path / 'released'}}}\n"))
+    init = next(line for line in (proc.stdout + proc.stderr).splitlines() if "fac train init " in line)
+    assert params_of(proc, "train init")["init"] == {"released": str(tmp_path / "released")}
+    assert "--base-llm" not in init and "--encoder" not in init
+    missing = snakemake(tmp_path, "-n", overlays=overlay(tmp_path, "init: {released: no/such/folder}\n"), check=False)
+    assert missing.returncode != 0 and "no/such/folder" in missing.stdout + missing.stderr

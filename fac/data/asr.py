@@ -208,6 +208,53 @@ class Recognizer:
         return hypothesis.hypstr.lower().strip() if hypothesis is not None else ""
 
 
+    def transcribe_batch(self, clips: list[np.ndarray]) -> list[str]:
+        return [self.transcribe(clip) for clip in clips]
+
+    def in_worker(self):
+        """A picklable recipe for the same recogniser in another process (the filter's worker processes)."""
+        return Recognizer, (self.lm_path, self.dict_path)
+
+
+class WhisperRecognizer:
+    """engine `whisper`: a transformers Whisper folder (e.g. whisper-large-v3) through transformers' ASR pipeline,
+    `batch_size` clips at a time, on the GPU when there is one. Transcripts are lower-cased as the filter compares."""
+
+    def __init__(self, model_dir, batch_size: int = 16):
+        folder = Path(model_dir)
+        missing = [name for name in ("config.json", "preprocessor_config.json") if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"asr.model {folder}: lacks {missing}; expected a transformers Whisper folder "
+                                    "(model, tokenizer and feature extractor, as `save_pretrained` writes them)")
+        import torch
+        from transformers import pipeline
+
+        self.model_dir, self.batch_size = folder, max(1, int(batch_size))
+        self.pipe = pipeline("automatic-speech-recognition", model=str(folder),
+                             device=0 if torch.cuda.is_available() else -1)
+
+    def transcribe(self, samples: np.ndarray) -> str:
+        return self.transcribe_batch([samples])[0]
+
+    def transcribe_batch(self, clips: list[np.ndarray]) -> list[str]:
+        inputs = [{"raw": np.asarray(clip, dtype=np.float32), "sampling_rate": audio.SAMPLE_RATE} for clip in clips]
+        outputs = self.pipe(inputs, batch_size=self.batch_size, generate_kwargs={"task": "transcribe"})
+        return [out["text"].lower().strip() for out in outputs]
+
+    def in_worker(self):
+        return None  # one batched process: the pipeline, not worker processes, makes it fast
+
+
+def recognizer(params: dict, lm_dir=None):
+    """The ASR scorer that `params` (the `asr` section) names: pocketsphinx with the world's LM (from `lm_dir`),
+    or Whisper from a local folder."""
+    if params["engine"] == "pocketsphinx":
+        return Recognizer(Path(lm_dir) / "lm.arpa", Path(lm_dir) / "words.dict")
+    if params["engine"] == "whisper":
+        return WhisperRecognizer(params["model"], params.get("batch_size", 16))
+    raise ValueError(f"asr.engine {params['engine']!r}: unknown; expected pocketsphinx or whisper")
+
+
 def word_error_rate(reference: str, hypothesis: str) -> float:
     """WER of the hypothesis against the reference, both normalised as the LM is."""
     reference, hypothesis = normalize_text(reference), normalize_text(hypothesis)
@@ -242,21 +289,28 @@ def _histogram(rates: list[float]) -> dict[str, int]:
 def _judge(utterances: list[dict], wav_dir: Path, recognizer: Recognizer, max_wer: float, desc: str,
            position: int = 0) -> list[dict]:
     judged = []
+    batch = getattr(recognizer, "batch_size", 1)
     # Stacked bars (one per worker) only on a terminal: in a rule's log they would print cursor codes.
-    for utterance in tqdm(utterances, desc=desc, unit="clip", position=position if sys.stderr.isatty() else None):
-        for key in ("path", "text"):
-            if key not in utterance:
-                raise ValueError(f"utterance {utterance.get('id', utterance)!r} lacks {key!r}; expected keys path and text")
-        # read_wav raises AudioError naming the file: a broken clip is a bug upstream, not a drop.
-        transcript = recognizer.transcribe(audio.read_wav(wav_dir / utterance["path"]))
-        rate = word_error_rate(utterance["text"], transcript)
-        judged.append(dict(utterance, asr_text=transcript, wer=rate, kept=rate <= max_wer))
+    with tqdm(total=len(utterances), desc=desc, unit="clip", position=position if sys.stderr.isatty() else None) as bar:
+        for start in range(0, len(utterances), batch):
+            chunk = utterances[start:start + batch]
+            for utterance in chunk:
+                for key in ("path", "text"):
+                    if key not in utterance:
+                        raise ValueError(f"utterance {utterance.get('id', utterance)!r} lacks {key!r}; "
+                                         "expected keys path and text")
+            # read_wav raises AudioError naming the file: a broken clip is a bug upstream, not a drop.
+            transcripts = recognizer.transcribe_batch([audio.read_wav(wav_dir / u["path"]) for u in chunk])
+            for utterance, transcript in zip(chunk, transcripts):
+                rate = word_error_rate(utterance["text"], transcript)
+                judged.append(dict(utterance, asr_text=transcript, wer=rate, kept=rate <= max_wer))
+            bar.update(len(chunk))
     return judged
 
 
 def _judge_in_worker(args) -> list[dict]:
-    utterances, wav_dir, lm_path, dict_path, max_wer, desc, position = args
-    return _judge(utterances, wav_dir, Recognizer(lm_path, dict_path), max_wer, desc, position)
+    utterances, wav_dir, (factory, factory_args), max_wer, desc, position = args
+    return _judge(utterances, wav_dir, factory(*factory_args), max_wer, desc, position)
 
 
 def wer_statistics(judged: list[dict], max_wer: float) -> dict:
@@ -281,17 +335,18 @@ def filter_utterances(utterances: list[dict], wav_dir, recognizer: Recognizer, m
     """Transcribe wav_dir/{path} of every utterance and judge it against its `text`.
 
     Returns the utterances with `asr_text`, `wer` and `kept` (wer <= max_wer) added, and statistics.
-    With workers > 1 the clips are split over that many processes, each with its own decoder.
+    With workers > 1 the clips are split over that many processes, each with its own decoder (pocketsphinx);
+    Whisper transcribes `batch_size` clips at a time in this process instead.
     """
     wav_dir = Path(wav_dir)
-    if workers <= 1 or len(utterances) < 2 * workers:
+    recipe = recognizer.in_worker()
+    if workers <= 1 or len(utterances) < 2 * workers or recipe is None:
         judged = _judge(utterances, wav_dir, recognizer, max_wer, desc)
     else:
         from concurrent.futures import ProcessPoolExecutor
 
         chunks = [utterances[i::workers] for i in range(workers)]
-        jobs = [(chunk, wav_dir, recognizer.lm_path, recognizer.dict_path, max_wer, f"{desc} [{i}]", i)
-                for i, chunk in enumerate(chunks)]
+        jobs = [(chunk, wav_dir, recipe, max_wer, f"{desc} [{i}]", i) for i, chunk in enumerate(chunks)]
         with ProcessPoolExecutor(max_workers=workers) as pool:
             parts = list(pool.map(_judge_in_worker, jobs))
         # Undo the round-robin split so the output keeps the input order.

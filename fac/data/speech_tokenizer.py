@@ -1,5 +1,7 @@
-"""25 Hz discrete speech units for the tiny world: k-means over stacked log-mel frames.
-It stands in for CosyVoice's S3 tokenizer, with one unit per 40 ms as the official placeholders count."""
+"""25 Hz discrete speech units, one component with two kinds (`speech_tokenizer.kind`): `kmeans` (the tiny world:
+k-means over stacked log-mel frames, learned in the DAG) or `s3` (CosyVoice's supervised semantic tokens through the
+`s3tokenizer` package, from a local file). Both give one unit per 40 ms, as the official placeholders count, and
+are saved as a folder (config.json + model.safetensors); `load_speech_tokenizer` reads either."""
 
 from __future__ import annotations
 
@@ -181,3 +183,109 @@ class SpeechTokenizer:
             raise ValueError(f"{weights_path}: {centroids.shape[0]} centroids but {config_path} says codebook_size "
                              f"{config.get('codebook_size')}; expected the pair written by one save")
         return cls(centroids, n_mels=int(config["n_mels"]))
+
+
+S3_MODEL_TYPE = "fac_s3_speech_tokenizer"
+S3_HEAD_DIM = 64  # s3tokenizer's rotary tables are built for 64-wide heads: heads = width / 64
+
+
+class S3SpeechTokenizer:
+    """kind `s3`: CosyVoice's S3 tokens (3^8 = 6,561 codes at 25 Hz) computed by the `s3tokenizer` package's model,
+    version `v3` (CosyVoice 3) or `v2` (CosyVoice 2), from the official ONNX export or a PyTorch state dict."""
+
+    def __init__(self, version: str, dims: dict, state: dict[str, torch.Tensor]):
+        if version not in ("v2", "v3"):
+            raise ValueError(f"S3 tokenizer version {version!r}: expected v2 or v3")
+        self.version, self.dims = version, dict(dims)
+        self.model = self._build(version, self.dims)
+        self.model.load_state_dict(state, strict=True)
+        self.model.eval()
+
+    @staticmethod
+    def _build(version: str, dims: dict):
+        if version == "v3":
+            from s3tokenizer.model_v3 import ModelConfigV3 as Config, S3TokenizerV3 as Model
+        else:
+            from s3tokenizer.model_v2 import ModelConfig as Config, S3TokenizerV2 as Model
+        return Model(f"speech_tokenizer_{version}_25hz", Config(**dims))
+
+    @staticmethod
+    def dims_of(state: dict[str, torch.Tensor], origin) -> dict:
+        """The model's sizes, read off a state dict (the official files carry no config)."""
+        try:
+            width, n_mels, _ = state["encoder.conv1.weight"].shape
+            levels = state["quantizer._codebook.project_down.weight"].shape[0]
+        except KeyError as error:
+            raise ValueError(f"{origin}: not an S3 tokenizer state dict (no {error}); expected the s3tokenizer "
+                             "package's encoder.* and quantizer.* tensors") from error
+        layers = len({key.split(".")[2] for key in state if key.startswith("encoder.blocks.")})
+        return {"n_mels": int(n_mels), "n_audio_state": int(width), "n_audio_head": int(width) // S3_HEAD_DIM,
+                "n_audio_layer": layers, "n_codebook_size": 3 ** int(levels)}
+
+    @classmethod
+    def from_file(cls, path) -> "S3SpeechTokenizer":
+        """speech_tokenizer.path: `*.onnx` (converted by s3tokenizer) or `*.pt` (a state dict); `v2` in the file name
+        picks CosyVoice 2's model, otherwise CosyVoice 3's."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"speech_tokenizer.path {path}: no such file; expected CosyVoice's "
+                                    "speech_tokenizer_v3.onnx (or v2), or a .pt state dict of it")
+        version = "v2" if "v2" in path.name else "v3"
+        if path.suffix == ".onnx":
+            from s3tokenizer.utils import onnx2torch, onnx2torch_v3
+
+            state = (onnx2torch_v3 if version == "v3" else onnx2torch)(str(path), None, False)
+        elif path.suffix in (".pt", ".pth"):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise ValueError(f"speech_tokenizer.path {path}: expected a .onnx or .pt file")
+        state = {key: value for key, value in state.items() if not key.endswith("freqs_cis")}
+        return cls(version, cls.dims_of(state, path), state)
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.dims["n_codebook_size"])
+
+    def encode(self, samples) -> list[int]:
+        """S3 codes of a 16 kHz clip: about 25 per second (the model's own count for the clip's length)."""
+        from s3tokenizer.utils import log_mel_spectrogram
+
+        mel = log_mel_spectrogram(torch.as_tensor(np.asarray(samples, dtype=np.float32)), n_mels=self.dims["n_mels"])
+        codes, lengths = self.model.quantize(mel[None], torch.tensor([mel.shape[-1]]))
+        return [int(code) for code in codes[0, : int(lengths[0])]]
+
+    def usage_stats(self, token_lists) -> dict:
+        return usage_stats(token_lists, self.codebook_size)
+
+    def save(self, directory) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {"model_type": S3_MODEL_TYPE, "version": self.version, "dims": self.dims,
+                  "codebook_size": self.codebook_size, "frame_rate": FRAME_RATE, "sample_rate": SAMPLE_RATE}
+        state = {k: v.contiguous() for k, v in self.model.state_dict().items() if not k.endswith("freqs_cis")}
+        _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, path))
+        _atomic_write(directory / CONFIG_NAME,
+                      lambda path: Path(path).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+
+    @classmethod
+    def load(cls, directory) -> "S3SpeechTokenizer":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+        return cls(config["version"], config["dims"], load_file(str(directory / WEIGHTS_NAME)))
+
+
+def load_speech_tokenizer(directory):
+    """The speech tokenizer saved in `directory`, of whichever kind its config.json names."""
+    config_path = Path(directory) / CONFIG_NAME
+    if config_path.is_file():
+        try:
+            model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+        except (json.JSONDecodeError, AttributeError):
+            model_type = None
+        if model_type == S3_MODEL_TYPE:
+            return S3SpeechTokenizer.load(directory)
+    return SpeechTokenizer.load(directory)  # names what is wrong with the folder

@@ -111,11 +111,11 @@ def build_asr_lm(params: dict, world_dir: str, out_dir: str) -> None:
 
 
 def asr_filter(params: dict, utterances: str, lm_dir: str, data_root: str, out_jsonl: str, report: str) -> dict:
-    from fac.data.asr import Recognizer, filter_utterances, wer_statistics
+    from fac.data.asr import filter_utterances, recognizer, wer_statistics
 
     rows = read_jsonl(utterances)
-    recognizer = Recognizer(Path(lm_dir) / "lm.arpa", Path(lm_dir) / "words.dict")
-    scored, stats = filter_utterances(rows, data_root, recognizer, params["max_wer"], desc="asr filter",
+    scorer = recognizer(params, lm_dir)
+    scored, stats = filter_utterances(rows, data_root, scorer, params["max_wer"], desc="asr filter",
                                       workers=params["workers"])
     # The paper filters the synthesised training speech; test sets are scored but kept whole, so
     # that held-out voices the ASR finds hard are still measured.
@@ -186,8 +186,17 @@ def make_noisy(params: dict, filtered: str, data_root: str, out_jsonl: str) -> d
 
 def train_speech_tokenizer(params: dict, filtered: str, data_root: str, out_dir: str) -> dict:
     from fac.data.audio import read_wav
-    from fac.data.speech_tokenizer import SpeechTokenizer, frame_features
+    from fac.data.speech_tokenizer import S3SpeechTokenizer, SpeechTokenizer, frame_features
 
+    if params["kind"] == "s3":  # pretrained: nothing to learn, the file becomes the experiment's tokenizer folder
+        tok = S3SpeechTokenizer.from_file(params["path"])
+        if tok.codebook_size != params["codebook_size"]:
+            raise ValueError(f"speech_tokenizer.path {params['path']}: {tok.codebook_size} codes, but "
+                             f"speech_tokenizer.codebook_size is {params['codebook_size']}")
+        tok.save(out_dir)
+        stats = {"kind": "s3", "version": tok.version, "codebook_size": tok.codebook_size, "source": params["path"]}
+        log.info("speech tokenizer: %s", stats)
+        return stats
     rows = [u for u in read_jsonl(filtered) if u["split"] in ("train", "assistant")]
     feats = [frame_features(read_wav(Path(data_root) / u["path"]), n_mels=params["n_mels"]) for u in rows]
     tok = SpeechTokenizer.train(feats, params["codebook_size"], params["seed"], max_frames=params["max_frames"],
@@ -200,10 +209,10 @@ def train_speech_tokenizer(params: dict, filtered: str, data_root: str, out_dir:
 
 def speech_tokens(tokenizer_dir: str, inputs: list[str], data_root: str, out_jsonl: str, out_stats: str) -> dict:
     from fac.data.audio import read_wav
-    from fac.data.speech_tokenizer import SpeechTokenizer, usage_stats
+    from fac.data.speech_tokenizer import load_speech_tokenizer, usage_stats
     from tqdm import tqdm
 
-    tok = SpeechTokenizer.load(tokenizer_dir)
+    tok = load_speech_tokenizer(tokenizer_dir)
     rows = [u for path in inputs for u in read_jsonl(path)]
     out = []
     for u in tqdm(rows, desc="speech tokens", mininterval=2):

@@ -473,6 +473,40 @@ def feature_scale(model, manifest_dir: str, data_root: str, clips: int = 64) -> 
     return float(embedding_norm / torch.stack(norms).mean())
 
 
+def config_special_ids(config) -> dict[str, int]:
+    """The text ids a DRSR config was built with (the keys of `special_id_params`, less bos)."""
+    text = config.text_config
+    return {"pad": text.pad_token_id, "eos": text.eos_token_id, "audio": config.audio_token_index,
+            "audio_bos": text.audio_bos_index, "audio_eos": text.audio_eos_index, "sil": text.sil_index}
+
+
+def init_from_released(released_dir: str, tokenizer_dir: str, speech_tokenizer_dir: str, out_dir: str) -> dict:
+    """`init.released`: the DRSR model starts from a Fun-Audio-Chat checkpoint in the official layout (config.json,
+    safetensors, sharded with an index or not). Its tensors are kept as they are; the experiment's tokenizers must
+    agree with it: every special id, the vocabulary within its embedding rows, and the speech codebook size."""
+    from fac.model import check_checkpoint
+
+    folder = Path(released_dir)
+    config = check_checkpoint(folder)  # model_type, every tensor present with its shape (names the file)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    ours, theirs = special_id_params(tokenizer), config_special_ids(config)
+    wrong = [f"{name}: tokenizer {ours[name]}, checkpoint {theirs[name]}" for name in theirs if ours[name] != theirs[name]]
+    if wrong:
+        raise ValueError(f"init.released {folder}: the text tokenizer {tokenizer_dir} puts special tokens where the "
+                         f"checkpoint does not ({'; '.join(wrong)}); use the tokenizer the checkpoint was trained with")
+    if len(tokenizer) > config.text_config.vocab_size:
+        raise ValueError(f"init.released {folder}: {config.text_config.vocab_size} token embeddings, but the text "
+                         f"tokenizer {tokenizer_dir} has {len(tokenizer)} tokens")
+    codebook = speech_codebook_size(speech_tokenizer_dir)
+    if codebook != config.audio_config.codebook_size:
+        raise ValueError(f"init.released {folder}: the speech tokenizer {speech_tokenizer_dir} gives a codebook of "
+                         f"{codebook} ({codebook - 4} codes + 4 specials), the checkpoint's is "
+                         f"{config.audio_config.codebook_size}")
+    model = load_checkpoint(folder)
+    _save_with_tokenizer(model, tokenizer, out_dir, {"stage": "init", "released": str(folder)})
+    return {"parameters": sum(p.numel() for p in model.parameters()), "released": str(folder)}
+
+
 def init_model(model_params: dict, base_llm_dir: str, encoder_dir: str, tokenizer_dir: str,
                speech_tokenizer_dir: str, manifest_dir: str, data_root: str, out_dir: str, seed: int) -> dict:
     """Assemble the DRSR model: the base LLM and the pretrained encoder; adapter and SRH freshly initialised."""
