@@ -24,14 +24,26 @@ def load_schema() -> dict:
 
 
 def merge(base: dict, overlay: dict) -> dict:
-    """Deep merge, as Snakemake merges several --configfile files: mappings merge, other values replace."""
+    """Deep merge, as Snakemake merges several --configfile files: mappings merge, other values replace, and a key
+    whose value is null is removed (see `drop_nulls`)."""
     out = copy.deepcopy(base)
     for key, value in overlay.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
-    return out
+    return drop_nulls(out)
+
+
+def drop_nulls(config: dict) -> dict:
+    """Remove, in place and at any depth, every key whose value is null: how an overlay removes a key of its base
+    (`vocab_size: null`). No parameter takes null as a value."""
+    for key in [k for k, v in config.items() if v is None]:
+        del config[key]
+    for value in config.values():
+        if isinstance(value, dict):
+            drop_nulls(value)
+    return config
 
 
 def read_yaml(path: str | Path) -> dict:

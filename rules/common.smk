@@ -8,9 +8,11 @@ import sys
 from snakemake.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
-from fac.params import ParamsError, validate
+from fac.params import ParamsError, drop_nulls, validate
 
-# Validate before any job runs: a misspelt key or a wrong value stops here, naming the key.
+# An overlay removes a key of its base by setting it to null; then validate before any job runs: a misspelt key or a
+# wrong value stops here, naming the key.
+drop_nulls(config)
 try:
     validate(config, origin="config")
 except ParamsError as err:

@@ -91,3 +91,14 @@ def test_command_tts_engine_needs_its_template(root, tmp_path):
     overlay.write_text("tts: {engine: command}\n")
     with pytest.raises(ParamsError, match="tts.command: engine 'command' needs a command template"):
         load([root / "params/default.yaml", overlay])
+
+
+def test_an_overlay_removes_a_key_by_setting_it_to_null(root, tmp_path):
+    overlay = tmp_path / "o.yaml"
+    overlay.write_text("text_tokenizer: {kind: pretrained, path: models/Qwen3-8B, vocab_size: null}\n"
+                       "ablations: {in_all: null}\n")
+    with pytest.raises(ParamsError, match="ablations.in_all: required key is missing"):
+        load([root / "params/default.yaml", overlay])
+    overlay.write_text("text_tokenizer: {kind: pretrained, path: models/Qwen3-8B, vocab_size: null}\n")
+    config = load([root / "params/default.yaml", overlay])
+    assert config["text_tokenizer"] == {"kind": "pretrained", "path": "models/Qwen3-8B"}

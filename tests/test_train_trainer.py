@@ -260,3 +260,81 @@ def test_save_state_survives_the_leftover_of_a_save_killed_while_deleting_the_ol
     trainer.save_state()
     assert json.loads((tmp_path / "state/last/trainer_state.json").read_text())["step"] == 1
     assert not leftover.exists()
+
+
+# ------------------------------------------------------------------ epochs: passes without replacement
+
+def test_epoch_order_takes_every_example_once_per_pass_and_replays_from_the_step():
+    from fac.train.trainer import EpochOrder
+
+    order = EpochOrder(10, seed=3)
+    positions = [i for step in range(4) for i in order.take(step, 3)]  # 12 positions: a pass and two more
+    assert sorted(positions[:10]) == list(range(10)) and len(set(positions[10:])) == 2
+    assert positions[:10] != list(range(10))  # shuffled
+    assert EpochOrder(10, seed=3).take(2, 3) == positions[6:9]  # a resumed run draws the same batch
+    second = [i for step in range(10, 20) for i in order.take(step, 1)]
+    assert sorted(second) == list(range(10)) and second != positions[:10]  # each pass its own order
+    assert EpochOrder(10, seed=4).take(0, 10) != positions[:10]
+
+
+def test_resolve_steps_counts_the_global_batches_of_the_passes():
+    stage = {"epochs": 2, "batch_size": 3, "grad_accum": 2, "processes": 2}
+    assert stages.resolve_steps(stage, 25)["steps"] == 5  # ceil(2 * 25 / (3 * 2 * 2))
+    assert stages.resolve_steps({**stage, "steps": 7}, 25)["steps"] == 7  # steps given: they win
+
+
+def test_spoken_data_in_passes_holds_each_record_by_its_weight(tiny_world):
+    from fac.model.processing import SpecialIds
+    from fac.train.data import FeatureCache, SpokenData
+
+    tokenizer = tiny_world.tokenizer()
+    data = SpokenData(tiny_world.manifest_dir, {"spoken_qa_train": 1.0, "asr_train": 0.5},
+                      FeatureCache(tiny_world.data_root, 80), tokenizer,
+                      SpecialIds.from_tokenizer(tokenizer, tiny_world.drsr_config()), 5)
+    qa, asr_records = len(data.records["spoken_qa_train"]), len(data.records["asr_train"])
+    data.passes(seed=5)
+    assert len(data) == qa + round(0.5 * asr_records)
+    one_pass = [data.flat[p] for step in range(len(data)) for p in data.order.take(step, 1)]
+    assert sorted(i for name, i in one_pass if name == "spoken_qa_train") == list(range(qa))
+    assert len([i for name, i in one_pass if name == "asr_train"]) == round(0.5 * asr_records)
+    batch = data.batch(0, 2, seed=5)
+    assert batch["input_ids"].shape[0] == 2
+
+
+def test_conversations_longer_than_max_length_leave_the_data_counted(tiny_world):
+    from fac.model.processing import SpecialIds
+    from fac.train.data import FeatureCache, SpokenData
+
+    tokenizer = tiny_world.tokenizer()
+    special = SpecialIds.from_tokenizer(tokenizer, tiny_world.drsr_config())
+    features = FeatureCache(tiny_world.data_root, 80)
+    full = SpokenData(tiny_world.manifest_dir, {"spoken_qa_train": 1.0}, features, tokenizer, special, 5)
+    lengths = sorted(len(full.example(r).input_ids) for r in full.records["spoken_qa_train"])
+    limit = lengths[len(lengths) // 2]  # the median: the longer half goes
+    cut = SpokenData(tiny_world.manifest_dir, {"spoken_qa_train": 1.0}, features, tokenizer, special, 5,
+                     max_length=limit)
+    assert cut.dropped == {"spoken_qa_train": sum(n > limit for n in lengths)} and cut.dropped["spoken_qa_train"] > 0
+    assert all(len(cut.example(r).input_ids) <= limit for r in cut.records["spoken_qa_train"])
+    assert len(cut) == len(full) - cut.dropped["spoken_qa_train"]
+    with pytest.raises(ValueError, match="every conversation is longer than max_length 4"):
+        SpokenData(tiny_world.manifest_dir, {"spoken_qa_train": 1.0}, features, tokenizer, special, 5, max_length=4)
+
+
+def test_preference_pairs_longer_than_max_length_leave_dpo_counted(tiny_world):
+    from fac.data.text_tokenizer import SYSTEM_PROMPTS
+    from fac.model.processing import SpecialIds
+    from fac.train.data import FeatureCache
+    from fac.train.dpo import PairData
+
+    tokenizer = tiny_world.tokenizer()
+    special = SpecialIds.from_tokenizer(tokenizer, tiny_world.drsr_config())
+    users = [json.loads(json.loads(line)["audio"][0])["path"]
+             for line in (tiny_world.manifest_dir / "spoken_qa_train.jsonl").read_text().splitlines()[:2]]
+    pairs = [{"dimension": "robustness", "system": SYSTEM_PROMPTS["s2t"], "user_path": user,
+              "chosen": {"text": "paris", "codes": None}, "rejected": {"text": rejected, "codes": None}}
+             for user, rejected in zip(users, ["rome", " ".join(["nobody knows"] * 40)])]
+    features = FeatureCache(tiny_world.data_root, 80)
+    full = PairData(pairs, features, tokenizer, special, 5, {})
+    short = max(len(full.example(pairs[0], side).input_ids) for side in ("chosen", "rejected"))
+    cut = PairData(pairs, features, tokenizer, special, 5, {}, max_length=short)
+    assert cut.dropped == 1 and cut.pairs == [pairs[0]] and len(cut.weights) == 1

@@ -74,6 +74,12 @@ def test_a_missing_pretrained_component_stops_before_any_job_and_is_named(compon
     assert "Missing input files for rule" in proc.stdout + proc.stderr and component in proc.stdout + proc.stderr
 
 
+def test_a_null_in_an_overlay_removes_the_key_before_validation(tmp_path):
+    proc = snakemake(tmp_path, "-n", overlays=overlay(tmp_path, "text_tokenizer: {vocab_size: null}\n"), check=False)
+    assert proc.returncode != 0
+    assert "text_tokenizer.vocab_size: required key is missing" in proc.stdout + proc.stderr
+
+
 def test_unknown_voice_stops_before_any_job_and_names_it(tmp_path):
     proc = snakemake(tmp_path, "-n", config="tts={test_voices: [en-klingon+m9]}", check=False)
     assert proc.returncode != 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from fac.data.manifests import parse_speech_tokens, read_manifest
 from fac.data.text_tokenizer import SYSTEM_PROMPTS
 from fac.model.processing import (IGNORE_INDEX, SPEECH_DELAY, SPEECH_TOKENS_PER_SECOND, Example, SpecialIds,
                                    build_example, build_prompt, collate, log_mel)
-from fac.train.trainer import step_rng
+from fac.train.trainer import EpochOrder, step_rng
 
 log = logging.getLogger("fac.train")
 
@@ -175,10 +176,11 @@ class SpokenData:
     """Manifests for the DRSR model, sampled by weight; examples built as the official pipeline does."""
 
     def __init__(self, manifest_dir: str | Path, mixture: dict[str, float], features: FeatureCache, tokenizer,
-                 special: SpecialIds, group_size: int):
+                 special: SpecialIds, group_size: int, max_length: int | None = None):
         if not mixture:
             raise ValueError("stage data mixture is empty: give at least one manifest name with a weight")
-        self.names = list(mixture)
+        self.names, self.mixture = list(mixture), {n: float(w) for n, w in mixture.items()}
+        self.order, self.flat = None, []
         weights = torch.tensor([float(mixture[n]) for n in self.names])
         if weights.sum() <= 0:
             raise ValueError(f"stage data mixture {mixture} has no positive weight")
@@ -190,6 +192,22 @@ class SpokenData:
         for name in self.names:  # compute features up front, with a progress bar, not in the first steps
             for rec in tqdm(self.records[name], desc=f"features {name}", unit="clip"):
                 self.features(rec.user_path)
+        self.dropped = self._drop_longer_than(max_length) if max_length else {}
+
+    def _drop_longer_than(self, max_length: int) -> dict[str, int]:
+        """`max_length`: conversations longer than that many LLM positions leave the stage's data, counted and logged.
+        They are dropped, not cut: a cut inside an audio span would leave speech without the slots it is laid on."""
+        dropped = {}
+        for name in self.names:
+            keep = [rec for rec in self.records[name] if len(self.example(rec).input_ids) <= max_length]
+            if len(keep) < len(self.records[name]):
+                dropped[name] = len(self.records[name]) - len(keep)
+                log.warning("%s: %d of %d conversations are longer than max_length %d positions; left out",
+                            name, dropped[name], len(self.records[name]), max_length)
+            if not keep:
+                raise ValueError(f"{name}: every conversation is longer than max_length {max_length}")
+            self.records[name] = keep
+        return dropped
 
     def example(self, rec: SpokenRecord) -> Example:
         if rec.system not in self._system_ids:
@@ -197,7 +215,26 @@ class SpokenData:
         return build_example(self._system_ids[rec.system], self.features(rec.user_path),
                              encode_text(self.tokenizer, rec.text), rec.codes, self.special, self.group_size)
 
+    def passes(self, seed: int) -> None:
+        """Draw batches as passes without replacement (a stage with `epochs`): one pass holds every record of a
+        manifest of weight 1, each twice at weight 2, and a fixed share of them at a fractional weight."""
+        self.flat = []
+        for name, weight in self.mixture.items():
+            records = self.records[name]
+            whole, part = int(weight), weight - int(weight)
+            self.flat += [(name, i) for _ in range(whole) for i in range(len(records))]
+            self.flat += [(name, i) for i in sorted(random.Random(seed).sample(range(len(records)),
+                                                                               round(part * len(records))))]
+        self.order = EpochOrder(len(self.flat), seed)
+
+    def __len__(self) -> int:
+        """Examples in one pass (with `passes`) or records in the mixture."""
+        return len(self.flat) if self.order else sum(len(r) for r in self.records.values())
+
     def batch(self, step: int, batch_size: int, seed: int) -> dict:
+        if self.order is not None:
+            chosen = [self.records[name][i] for name, i in (self.flat[p] for p in self.order.take(step, batch_size))]
+            return collate([self.example(r) for r in chosen], self.special)
         rng = step_rng(seed, step)
         chosen = []
         for _ in range(batch_size):

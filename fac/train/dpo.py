@@ -38,7 +38,7 @@ from fac.data.text_tokenizer import AUDIO_QUESTION_PROMPT, SYSTEM_PROMPTS
 from fac.model import load_checkpoint
 from fac.model.processing import IGNORE_INDEX, SpecialIds, build_example, collate
 from fac.train.data import FeatureCache, SpokenRecord, encode_text, load_records
-from fac.train.trainer import StageConfig, Trainer, files_identity, fingerprint, step_rng
+from fac.train.trainer import EpochOrder, StageConfig, Trainer, epoch_mode, files_identity, fingerprint, step_rng
 
 log = logging.getLogger("fac.train")
 
@@ -239,14 +239,26 @@ class PairData:
     """Chosen/rejected examples of each pair, batched as [chosen..., rejected...] with the reference log-probs."""
 
     def __init__(self, pairs: list[dict], features: FeatureCache, tokenizer, special: SpecialIds, group_size: int,
-                 dimensions: dict[str, float]):
+                 dimensions: dict[str, float], max_length: int | None = None):
         self.pairs = [p for p in pairs if dimensions.get(p["dimension"], 1.0) > 0]
         if not self.pairs:
             raise ValueError(f"every dimension with pairs has weight 0 (weights {dimensions})")
         self.features, self.tokenizer, self.special, self.g = features, tokenizer, special, group_size
+        self._system_ids: dict[str, list[int]] = {}
+        self.dropped = 0
+        if max_length:  # a pair either side of which is longer leaves the stage (see SpokenData: dropped, not cut)
+            keep = [p for p in self.pairs if max(len(self.example(p, side).input_ids) for side in ("chosen", "rejected"))
+                    <= max_length]
+            self.dropped = len(self.pairs) - len(keep)
+            if self.dropped:
+                log.warning("dpo: %d of %d pairs are longer than max_length %d positions; left out",
+                            self.dropped, len(self.pairs), max_length)
+            if not keep:
+                raise ValueError(f"dpo: every preference pair is longer than max_length {max_length}")
+            self.pairs = keep
         self.weights = [float(dimensions.get(p["dimension"], 1.0)) for p in self.pairs]
         self.ref: list[tuple[float, float]] | None = None
-        self._system_ids: dict[str, list[int]] = {}
+        self.order: EpochOrder | None = None
 
     def example(self, pair: dict, side: str):
         reply = pair[side]
@@ -263,6 +275,8 @@ class PairData:
         return batch
 
     def batch(self, step: int, batch_size: int, seed: int) -> dict:
+        if self.order is not None:  # passes without replacement (a stage with `epochs`)
+            return self.batch_of(self.order.take(step, batch_size))
         rng = step_rng(seed, step)
         return self.batch_of([rng.randrange(len(self.pairs)) for _ in range(batch_size)])
 
@@ -296,8 +310,10 @@ def train_dpo(stage: dict, model_dir: str, pairs_path: str, data_root: str, out_
     if unknown:
         raise ValueError(f"dpo.dimension_weights: unknown dimension(s) {sorted(unknown)}; expected {DIMENSIONS}")
     data = PairData(read_pairs(pairs_path), features, tokenizer, special, model.config.audio_config.group_size,
-                    weights)
+                    weights, stage.get("max_length"))
     beta = float(stage.get("beta", 0.1))
+    if epoch_mode(stage):
+        data.order = EpochOrder(len(data.pairs), int(stage.get("seed", 0)))
     cfg = StageConfig.from_params(resolve_steps(stage, len(data.pairs)))
     # The reference log-probs cached here belong to this stage-2 checkpoint and these pairs (content hashes).
     state_dir = Path(state_root) / f"dpo-{fingerprint(stage, files_identity(pairs_path), _identity(model_dir))}"

@@ -22,13 +22,15 @@ from fac.model.configuration import FunAudioChatAudioConfig
 from fac.model.encoder import FunAudioChatContinuousEncoder
 from fac.model.processing import SpecialIds
 from fac.train.data import FeatureCache, SpokenData, SpokenRecord, TextData, encode_text, load_records
-from fac.train.trainer import StageConfig, Trainer, atomic_folder, files_identity, fingerprint, step_rng
+from fac.train.trainer import (StageConfig, Trainer, atomic_folder, epoch_mode, files_identity, fingerprint,
+                               step_rng)
 
 log = logging.getLogger("fac.train")
 
 
 def resolve_steps(stage: dict, num_examples: int) -> dict:
-    """Paper-scale stages give `epochs`; the trainer counts optimizer steps over the global batch."""
+    """A stage with `epochs` trains that many passes over its `num_examples`: the trainer counts optimizer steps of
+    the global batch (batch_size x grad_accum x processes), the last one finishing the last pass."""
     if "steps" in stage:
         return stage
     if "epochs" not in stage:
@@ -552,12 +554,16 @@ def train_drsr(name: str, stage: dict, model_dir: str, manifest_dir: str, data_r
     special = SpecialIds.from_tokenizer(tokenizer, model.config)
     features = FeatureCache(data_root, model.config.audio_config.num_mel_bins)
     data = SpokenData(manifest_dir, stage.get("data", {}), features, tokenizer, special,
-                      model.config.audio_config.group_size)
-    cfg = StageConfig.from_params(resolve_steps(stage, sum(len(r) for r in data.records.values())))
+                      model.config.audio_config.group_size, stage.get("max_length"))
+    if epoch_mode(stage):
+        data.passes(int(stage.get("seed", 0)))
+    cfg = StageConfig.from_params(resolve_steps(stage, len(data)))
     trainer = Trainer(model, cfg, drsr_loss, lambda step: data.batch(step, cfg.batch_size, cfg.seed),
                       Path(state_root) / f"{name}-{fingerprint(stage, _identity(model_dir), manifests_identity(manifest_dir, cfg.data))}",
                       name, run_info)
     summary = trainer.train()
+    if data.dropped:
+        summary = {**summary, "dropped_over_max_length": data.dropped}
     _save_with_tokenizer(model, tokenizer, out_dir, summary, trainer.history)
     trainer.finish()
     return summary

@@ -107,6 +107,37 @@ def step_rng(seed: int, step: int) -> random.Random:
     return random.Random(seed * 1_000_003 + step)
 
 
+class EpochOrder:
+    """Batches as passes over a stage's data without replacement (stages given `epochs` rather than `steps`).
+
+    Pass e is a permutation of range(n) seeded by (seed, e); the passes are laid end to end and micro-batch g takes
+    positions [g * batch_size, (g + 1) * batch_size). A batch is a pure function of (seed, g), so a resumed run
+    replays it, and ranks (which take different g) never draw the same position.
+    """
+
+    def __init__(self, n: int, seed: int):
+        if n <= 0:
+            raise ValueError("a pass over no examples: the stage's data is empty")
+        self.n, self.seed = n, seed
+        self._passes: dict[int, list[int]] = {}
+
+    def _pass(self, epoch: int) -> list[int]:
+        if epoch not in self._passes:
+            order = list(range(self.n))
+            random.Random(self.seed * 1_000_003 + 7_919 * epoch + 1).shuffle(order)
+            self._passes = {epoch: order}  # one pass at a time: a run walks them in order
+        return self._passes[epoch]
+
+    def take(self, micro_step: int, batch_size: int) -> list[int]:
+        start = micro_step * batch_size
+        return [self._pass(p // self.n)[p % self.n] for p in range(start, start + batch_size)]
+
+
+def epoch_mode(stage: dict) -> bool:
+    """True when a stage counts its training in passes over its data (`epochs`) and gives no `steps`."""
+    return "epochs" in stage and "steps" not in stage
+
+
 class Trainer:
     """Runs one stage: `steps` optimizer steps of `grad_accum` micro-batches, with periodic resume points."""
 
