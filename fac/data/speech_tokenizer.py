@@ -79,6 +79,15 @@ def usage_stats(token_lists, codebook_size: int | None = None) -> dict:
     return stats
 
 
+def _save_folder(directory, config: dict, write_weights) -> None:
+    """A tokenizer folder: the weights (written by `write_weights(path)`), then config.json, each atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / WEIGHTS_NAME, write_weights)
+    _atomic_write(directory / CONFIG_NAME,
+                  lambda path: Path(path).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+
+
 def _atomic_write(path: Path, write) -> None:
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
@@ -144,14 +153,9 @@ class SpeechTokenizer:
         return usage_stats(token_lists, self.codebook_size)
 
     def save(self, directory) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         config = {"model_type": MODEL_TYPE, "codebook_size": self.codebook_size, "n_mels": self.n_mels,
                   "frame_rate": FRAME_RATE, "sample_rate": SAMPLE_RATE, "feature_version": FEATURE_VERSION}
-        _atomic_write(directory / WEIGHTS_NAME,
-                      lambda path: safetensors.numpy.save_file({"centroids": self.centroids}, path))
-        _atomic_write(directory / CONFIG_NAME,
-                      lambda path: Path(path).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+        _save_folder(directory, config, lambda path: safetensors.numpy.save_file({"centroids": self.centroids}, path))
 
     @classmethod
     def load(cls, directory) -> "SpeechTokenizer":
@@ -260,14 +264,10 @@ class S3SpeechTokenizer:
     def save(self, directory) -> None:
         from safetensors.torch import save_file
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         config = {"model_type": S3_MODEL_TYPE, "version": self.version, "dims": self.dims,
                   "codebook_size": self.codebook_size, "frame_rate": FRAME_RATE, "sample_rate": SAMPLE_RATE}
         state = {k: v.contiguous() for k, v in self.model.state_dict().items() if not k.endswith("freqs_cis")}
-        _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, path))
-        _atomic_write(directory / CONFIG_NAME,
-                      lambda path: Path(path).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+        _save_folder(directory, config, lambda path: save_file(state, path))
 
     @classmethod
     def load(cls, directory) -> "S3SpeechTokenizer":

@@ -412,7 +412,7 @@ def train_encoder(stage: dict, model_params: dict, manifest_dir: str, data_root:
         return import_whisper_encoder(stage["import"], model_params, base_llm_dir, out_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     embeddings = AutoModelForCausalLM.from_pretrained(base_llm_dir).get_input_embeddings().weight.detach()
-    if embeddings.shape[0] != len(tokenizer):
+    if embeddings.shape[0] < len(tokenizer):  # more rows than tokens is fine (Qwen3 pads its vocabulary)
         raise ValueError(f"{base_llm_dir}: the base LLM has {embeddings.shape[0]} token embeddings but the tokenizer "
                          f"{tokenizer_dir} has {len(tokenizer)} tokens; they must come from the same experiment")
     enc = model_params["encoder"]
