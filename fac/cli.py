@@ -66,6 +66,12 @@ def _data(args) -> None:
         steps.speech_tokens(args.tokenizer, args.inputs, args.data_root, args.out, args.stats)
     elif step == "manifests":
         steps.make_manifests(p, args.inputs, args.tokens, args.out)
+    elif step == "import-manifests":
+        from fac.data.imported import import_manifests
+
+        summary = import_manifests(args.source, args.media, args.names, args.preferences, args.speech_tokenizer,
+                                   args.data_root, args.out)
+        log.info("manifests taken in: %s", json.dumps(summary))
     elif step == "report":
         steps.data_report(args.tts, args.filtered, args.asr_report, args.noisy, args.token_stats,
                           args.manifest_counts, args.tokenizer_stats, args.out, args.json, args.plot)
@@ -110,7 +116,8 @@ def _train(args) -> None:
         summary = stages.init_from_released(p["init"]["released"], args.tokenizer, args.speech_tokenizer, args.out)
     elif args.stage == "init":
         summary = stages.init_model(p["model"], args.base_llm, args.encoder, args.tokenizer, args.speech_tokenizer,
-                                    args.manifests, args.data_root, args.out, p["seed"])
+                                    args.manifests, args.data_root, args.out, p["seed"],
+                                    p.get("scale_manifest", "asr_train"))
     else:
         summary = stages.train_drsr(args.name or args.stage, p["stage"], args.model, args.manifests,
                                     args.data_root, args.out, args.state_root, _run_info(args))
@@ -131,7 +138,9 @@ def _eval(args) -> None:
     from fac.eval.metrics import evaluate
 
     _threads(args)
-    metrics = evaluate(args.stage, args.model, args.world, args.manifests, args.data_root)
+    if not args.world and not args.sets:
+        raise SystemExit("fac eval: give --world (source world) or --sets (source manifests)")
+    metrics = evaluate(args.stage, args.model, args.world, args.manifests, args.data_root, args.sets)
     write_json(metrics, args.out)
     print(json.dumps(metrics))
 
@@ -192,8 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def step(name: str, help_text: str, *options: str) -> argparse.ArgumentParser:
         sp = data_sub.add_parser(name, help=help_text)
-        for opt in options:
-            if opt == "--inputs":
+        for opt in options:  # "--name?" is optional (given by the rule only where the component needs it)
+            if opt.endswith("?"):
+                sp.add_argument(opt[:-1], nargs="+" if opt[:-1] == "--names" else None)
+            elif opt in ("--inputs", "--names"):
                 sp.add_argument(opt, nargs="+", required=True)
             elif opt == "--params":
                 sp.add_argument(opt, type=parse_params, required=True,
@@ -227,8 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(func=_merge)
 
     ev = sub.add_parser("eval", help="evaluate one checkpoint")
-    for opt in ("--stage", "--model", "--world", "--manifests", "--data-root", "--out"):
+    for opt in ("--stage", "--model", "--manifests", "--data-root", "--out"):
         ev.add_argument(opt, required=True)
+    ev.add_argument("--world", help="the world's folder (source world: its text QA and named test sets)")
+    ev.add_argument("--sets", nargs="+", help="source manifests: the evaluation manifests (params data.eval)")
     ev.add_argument("--threads", type=int)
     ev.set_defaults(func=_eval)
 
@@ -264,19 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
     infer.set_defaults(func=_infer)
 
     step("world", "build the knowledge base, documents and QA pairs", "--params", "--source", "--out")
-    step("text-tokenizer", "train the BPE text tokenizer, or adopt a pretrained one", "--params", "--world", "--out")
+    step("text-tokenizer", "train the BPE text tokenizer, or adopt a pretrained one", "--params", "--world?", "--out")
     step("tts", "synthesise every planned utterance (espeak-ng, or a command template)", "--params", "--world", "--source",
          "--data-root", "--out")
     step("asr-lm", "build the ASR language model and dictionary from the world's text", "--params", "--world",
          "--out")
-    step("asr-filter", "transcribe (pocketsphinx or Whisper), score WER, drop bad utterances", "--params", "--utterances", "--lm",
+    step("asr-filter", "transcribe (pocketsphinx or Whisper), score WER, drop bad utterances", "--params", "--utterances", "--lm?",
          "--data-root", "--out", "--report")
     step("noisy", "noisy copies at the configured SNRs", "--params", "--filtered", "--data-root", "--out")
-    step("speech-tokenizer", "learn 25 Hz speech units (k-means), or adopt CosyVoice's S3 tokenizer", "--params", "--filtered", "--data-root",
-         "--out")
+    step("speech-tokenizer", "learn 25 Hz speech units (k-means), or adopt CosyVoice's S3 tokenizer", "--params", "--filtered?",
+         "--data-root", "--out")
     step("speech-tokens", "encode every utterance into speech units", "--tokenizer", "--inputs", "--data-root",
          "--out", "--stats")
     step("manifests", "write conversation manifests", "--params", "--inputs", "--tokens", "--out")
+    step("import-manifests", "data source manifests: take in the user's official-format JSONL (refusals listed)",
+         "--source", "--media?", "--names", "--preferences?", "--speech-tokenizer", "--data-root", "--out")
     step("report", "write the data report", "--tts", "--filtered", "--asr-report", "--noisy", "--token-stats",
          "--manifest-counts", "--tokenizer-stats", "--out", "--json", "--plot")
     return parser

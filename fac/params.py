@@ -85,6 +85,15 @@ def validate(config: dict, origin: str = "params") -> dict:
                 msg = err.message
             lines.append(f"{origin}: {_key(err)}: {msg}")
         raise ParamsError("invalid parameters:\n  " + "\n  ".join(lines))
+    for stage in ("base_llm", "encoder", "dpo"):
+        if (config.get(stage) or {}).get("packing"):
+            raise ParamsError(f"{origin}: {stage}.packing: packing is implemented for the DRSR stages (prealign, "
+                              "stage1, stage2) only")
+    for stage in ("prealign", "stage1", "stage2"):
+        if (config.get(stage) or {}).get("packing") and not config[stage].get("max_length"):
+            raise ParamsError(f"{origin}: {stage}.packing: give {stage}.max_length, the length of a packed row")
+    if config["data"]["source"] == "manifests":
+        return _check_manifests_source(config, origin)
     tts = config["tts"]
     for name in ("rate", "pitch"):
         low, high = tts[name]
@@ -100,6 +109,32 @@ def validate(config: dict, origin: str = "params") -> dict:
     if "instruct" in config["manifests"]["tasks"] and not config.get("instruction"):
         raise ParamsError(f"{origin}: manifests.tasks: task 'instruct' needs an `instruction` section "
                           "(the speaking styles to synthesise)")
+    return config
+
+
+WORLD_SECTIONS = ("world", "tts", "paraling", "instruction", "asr", "noise", "manifests")
+
+
+def _check_manifests_source(config: dict, origin: str) -> dict:
+    """Data source manifests: no world to learn from, so the components the world trains come from folders, and
+    the world's own sections would be read by no rule (an overlay on the tiny world removes them with null)."""
+    unread = [name for name in WORLD_SECTIONS if name in config]
+    if unread:
+        raise ParamsError(f"{origin}: {', '.join(unread)}: the tiny world's sections are read by no rule with "
+                          "data.source manifests; remove them (an overlay sets them to null)")
+    needs = [("text_tokenizer.kind", config["text_tokenizer"].get("kind", "train") == "pretrained", "pretrained"),
+             ("speech_tokenizer.kind", config["speech_tokenizer"].get("kind") == "s3",
+              "s3 (k-means units are learned from the world's clips)"),
+             ("base_llm.import", bool(config["base_llm"].get("import")), "a transformers LLM folder")]
+    for key, ok, what in needs:
+        if not ok:
+            raise ParamsError(f"{origin}: {key}: data.source manifests has no world to train it on; give {what}")
+    for stage in ("prealign", "stage1", "stage2") + (() if config["encoder"].get("import") else ("encoder",)):
+        if not config[stage].get("data"):
+            raise ParamsError(f"{origin}: {stage}.data: name the manifests (in data.path) this stage trains on")
+    if config.get("dpo") and not config["data"].get("preferences"):
+        raise ParamsError(f"{origin}: data.preferences: with data.source manifests DPO trains on your preference "
+                          "pairs; name their manifest")
     return config
 
 

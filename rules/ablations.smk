@@ -52,7 +52,7 @@ rule ablation_stage2:
 rule ablation_dpo:
     input:
         model=f"{RESULTS}/checkpoints/stage2",
-        pairs=rules.preferences.output[0],
+        pairs=preference_pairs,
     output:
         directory(f"{ABL}/dpo_{{dimension}}/dpo"),
     wildcard_constraints:
@@ -75,17 +75,15 @@ rule ablation_dpo:
 
 rule ablation_eval:
     input:
+        unpack(eval_inputs),
         model=f"{ABL}/{{variant}}/{{stage}}",
-        world=rules.world.output.text_qa,
-        manifests=rules.manifests.output.counts,
     output:
         f"{ABL}/{{variant}}/eval/{{stage}}.json",
     wildcard_constraints:
         variant="alpha[0-9.]+|dpo_[a-z_]+",
         stage="merged|stage2|dpo",
     params:
-        world=input_folder_of("world"),
-        manifests=input_folder_of("manifests"),
+        data=eval_data_flags,
         root=data_root,
     threads: config["threads"]
     conda:
@@ -93,8 +91,8 @@ rule ablation_eval:
     log:
         f"{LOGS}/ablations/eval_{{variant}}_{{stage}}.log",
     shell:
-        "fac eval --stage {wildcards.variant}/{wildcards.stage} --model {input.model} --world {params.world}"
-        " --manifests {params.manifests} --data-root {params.root} --out {output} --threads {threads} 2> {log}"
+        "fac eval --stage {wildcards.variant}/{wildcards.stage} --model {input.model} {params.data}"
+        " --data-root {params.root} --out {output} --threads {threads} 2> {log}"
 
 
 rule ablations:

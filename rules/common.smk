@@ -23,9 +23,16 @@ RESULTS_ROOT = "results"
 RESULTS = f"{RESULTS_ROOT}/{EXP}"
 
 
+# The data source (params `data.source`): `world` builds the tiny world inside the DAG (rules/world.smk),
+# `manifests` takes in the user's own data (rules/imported.smk); every rule after the manifests is shared.
+WORLD = config["data"]["source"] == "world"
+
+
 def check_before_running():
     """Errors that would otherwise surface mid-run, after Snakemake already deleted outputs to redo."""
-    if config["tts"]["engine"] == "espeak-ng":
+    if not WORLD:
+        pass
+    elif config["tts"]["engine"] == "espeak-ng":
         from fac.data.voices import check_voices
 
         try:
@@ -49,6 +56,9 @@ def check_before_running():
 
 check_before_running()
 DATA = f"{RESULTS}/data"
+MANIFEST_COUNTS = f"{DATA}/manifests/counts.json"
+WORLD_QA = f"{DATA}/world/text_qa.jsonl"  # the world's text QA: the base LLM's data and text-QA evaluation
+PREFERENCE_PAIRS = f"{DATA}/manifests/preferences.pairs.jsonl"  # source manifests: the user's preference pairs
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 ENV = "../environment.yml"
@@ -103,10 +113,51 @@ def data_root(wildcards, output):
     return DATA
 
 
-def text_tokenizer_source(wildcards):
-    """kind pretrained: the tokenizer folder is an input, so a missing one stops the run before any job."""
-    section = config["text_tokenizer"]
-    return [section["path"]] if section.get("kind", "train") == "pretrained" else []
+def text_tokenizer_inputs(wildcards):
+    """kind train learns from the world's sentences; kind pretrained is a folder (an input, so a missing one stops
+    the run before any job), whose tokens per world word are reported when there is a world."""
+    section, inputs = config["text_tokenizer"], {}
+    if WORLD:
+        inputs.update(sentences=rules.world.output.sentences, vocabulary=rules.world.output.vocabulary)
+    if section.get("kind", "train") == "pretrained":
+        inputs["pretrained"] = section["path"]
+    return inputs
+
+
+def world_text_flag(wildcards, input):
+    return f"--world {os.path.dirname(input.sentences)}" if "sentences" in input.keys() else ""
+
+
+def base_llm_inputs(wildcards):
+    """A base LLM trained in the DAG learns the world's text; an imported one (`import: FOLDER`) is that folder."""
+    inputs = {"tokenizer": rules.text_tokenizer.output.tokenizer}
+    if config["base_llm"].get("import"):
+        inputs["pretrained"] = config["base_llm"]["import"]
+    else:
+        inputs.update(corpus=rules.world.output.corpus, text_qa=rules.world.output.text_qa)
+    return inputs
+
+
+def base_llm_world_flag(wildcards, input):
+    return f"--world {os.path.dirname(input.corpus)}" if "corpus" in input.keys() else ""
+
+
+def eval_inputs(wildcards):
+    """What evaluation reads besides the checkpoint: the manifests, and the world's text QA when there is a world."""
+    return {"manifests": MANIFEST_COUNTS, **({"world": WORLD_QA} if WORLD else {})}
+
+
+def eval_data_flags(wildcards, input):
+    """The world's evaluation sets (named by fac.eval.metrics), or source manifests' `data.eval` sets."""
+    flags = f"--manifests {os.path.dirname(input.manifests)}"
+    if WORLD:
+        return f"--world {os.path.dirname(input.world)} {flags}"
+    return f"{flags} --sets {' '.join(shlex.quote(n) for n in config['data']['eval'])}"
+
+
+def preference_pairs(wildcards):
+    """DPO's pairs: built from the stage-2 model's own answers (world), or the user's preference file (manifests)."""
+    return f"{RESULTS}/data/preferences.jsonl" if WORLD else PREFERENCE_PAIRS
 
 
 def import_source(stage):
@@ -143,7 +194,8 @@ def released_weights():
 
 
 def init_params():
-    params = {"model": config["model"], "seed": config["seed"]}
+    # The adapter's starting scale is measured on clips of the pre-alignment data's first manifest.
+    params = {"model": config["model"], "seed": config["seed"], "scale_manifest": next(iter(config["prealign"]["data"]))}
     if released_weights():
         params["init"] = {"released": released_weights()}
     return params
@@ -164,7 +216,12 @@ def init_source_flags(wildcards, input):
 
 
 def manifest_names():
-    """The manifests the data half must produce, from the tasks, splits and noise settings."""
+    """The manifests the data half must produce: source world from the tasks, splits and noise settings; source
+    manifests those every stage's `data` and `data.eval` name."""
+    if not WORLD:
+        stages = ["prealign", "stage1", "stage2"] + ([] if config["encoder"].get("import") else ["encoder"])
+        named = [n for stage in stages for n in (config[stage].get("data") or {})] + list(config["data"]["eval"])
+        return list(dict.fromkeys(named))
     names = []
     tasks = config["manifests"]["tasks"]
     splits = ["train", "test", "test_unseen_voices"]
@@ -189,6 +246,8 @@ def manifest_files():
 
 
 def data_targets():
+    if not WORLD:
+        return manifest_files() + [MANIFEST_COUNTS, f"{DATA}/tokenizer/tokenizer.json", f"{DATA}/speech_tokenizer"]
     return manifest_files() + [
         f"{DATA}/report.md",
         f"{DATA}/tokenizer/tokenizer.json",

@@ -6,15 +6,12 @@
 
 rule base_llm:
     input:
-        corpus=rules.world.output.corpus,
-        text_qa=rules.world.output.text_qa,
-        tokenizer=rules.text_tokenizer.output.tokenizer,
-        pretrained=import_source("base_llm"),
+        unpack(base_llm_inputs),
     output:
         directory(f"{RESULTS}/checkpoints/base_llm"),
     params:
         cfg=as_json({"stage": config["base_llm"], "model": model_slice("llm")}),
-        world=input_folder_of("corpus"),
+        world=base_llm_world_flag,
         tokenizer=input_folder_of("tokenizer"),
         run=run_flags,
     threads: config["threads"]
@@ -25,7 +22,7 @@ rule base_llm:
     benchmark:
         f"{BENCH}/train/base_llm.tsv"
     shell:
-        "fac train base-llm --params {params.cfg} --world {params.world} --tokenizer {params.tokenizer}"
+        "fac train base-llm --params {params.cfg} {params.world} --tokenizer {params.tokenizer}"
         " --out {output} --threads {threads} {params.run} 2> {log}"
 
 
@@ -122,36 +119,38 @@ rule merge:
         " --out {output} > {log} 2>&1"
 
 
-rule preferences:
-    """Preference pairs for multi-task DPO from the stage-2 model's own answers and the world's truth."""
-    input:
-        model=f"{RESULTS}/checkpoints/stage2",
-        world=rules.world.output.text_qa,
-        manifests=rules.manifests.output.counts,
-    output:
-        f"{RESULTS}/data/preferences.jsonl",
-    params:
-        cfg=as_json({"stage": config["dpo"], "seed": config["seed"]}),
-        world=input_folder_of("world"),
-        manifests=input_folder_of("manifests"),
-        root=data_root,
-    threads: config["threads"]
-    conda:
-        ENV
-    log:
-        f"{LOGS}/train/preferences.log",
-    benchmark:
-        f"{BENCH}/train/preferences.tsv"
-    shell:
-        "fac train preferences --params {params.cfg} --model {input.model} --world {params.world}"
-        " --manifests {params.manifests} --data-root {params.root} --out {output} --threads {threads} 2> {log}"
+if WORLD:  # source manifests: the user's preference file, taken in by rule manifests
+
+    rule preferences:
+        """Preference pairs for multi-task DPO from the stage-2 model's own answers and the world's truth."""
+        input:
+            model=f"{RESULTS}/checkpoints/stage2",
+            world=rules.world.output.text_qa,
+            manifests=rules.manifests.output.counts,
+        output:
+            f"{RESULTS}/data/preferences.jsonl",
+        params:
+            cfg=as_json({"stage": config["dpo"], "seed": config["seed"]}),
+            world=input_folder_of("world"),
+            manifests=input_folder_of("manifests"),
+            root=data_root,
+        threads: config["threads"]
+        conda:
+            ENV
+        log:
+            f"{LOGS}/train/preferences.log",
+        benchmark:
+            f"{BENCH}/train/preferences.tsv"
+        shell:
+            "fac train preferences --params {params.cfg} --model {input.model} --world {params.world}"
+            " --manifests {params.manifests} --data-root {params.root} --out {output} --threads {threads} 2> {log}"
 
 
 rule dpo:
     """Multi-task DPO: policy and frozen reference both start as the stage-2 model."""
     input:
         model=f"{RESULTS}/checkpoints/stage2",
-        pairs=rules.preferences.output[0],
+        pairs=preference_pairs,
     output:
         directory(f"{RESULTS}/checkpoints/dpo"),
     params:
@@ -172,16 +171,14 @@ rule dpo:
 
 rule evaluate:
     input:
+        unpack(eval_inputs),
         model=checkpoint_of_stage,
-        world=rules.world.output.text_qa,
-        manifests=rules.manifests.output.counts,
     output:
         f"{RESULTS}/eval/{{stage}}.json",
     wildcard_constraints:
         stage="|".join(EVAL_STAGES),
     params:
-        world=input_folder_of("world"),
-        manifests=input_folder_of("manifests"),
+        data=eval_data_flags,
         root=data_root,
     threads: config["threads"]
     conda:
@@ -191,8 +188,8 @@ rule evaluate:
     benchmark:
         f"{BENCH}/eval/{{stage}}.tsv"
     shell:
-        "fac eval --stage {wildcards.stage} --model {input.model} --world {params.world}"
-        " --manifests {params.manifests} --data-root {params.root} --out {output} --threads {threads} 2> {log}"
+        "fac eval --stage {wildcards.stage} --model {input.model} {params.data}"
+        " --data-root {params.root} --out {output} --threads {threads} 2> {log}"
 
 
 rule metrics:

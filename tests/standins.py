@@ -132,3 +132,87 @@ def s3_tokenizer_file(path: str | Path, width: int = 128, layers: int = 2, seed:
                           ModelConfigV3(n_audio_state=width, n_audio_head=width // 64, n_audio_layer=layers))
     torch.save({k: v for k, v in model.state_dict().items() if not k.endswith("freqs_cis")}, path)
     return Path(path)
+
+
+def official_dataset(folder: str | Path, codebook: int = 6561, seed: int = 0) -> dict:
+    """A small data set in the official SFT format (fac.data.imported): `manifests/` with prealign.jsonl,
+    sft.jsonl, eval.jsonl and preferences.jsonl, `media/` with their 16 kHz wavs (tones in noise: a rehearsal
+    checks formats and plumbing, not what is said). Some assistant clips carry their speech tokens, others only a
+    wav (the tokenizer computes them); sft holds a two-turn conversation and three records the model cannot take
+    (bad JSON, a missing clip, turns out of order), which must be refused with file, line and reason.
+    Returns {"folder", "refused": [(file name, line)], "kept": {name: count}}."""
+    import numpy as np
+
+    from fac.data.audio import write_wav
+    from fac.data.manifests import AUDIO_PLACEHOLDER, SPEECH_DELAY, speech_token_string
+
+    folder = Path(folder)
+    media, manifests = folder / "media", folder / "manifests"
+    rng = np.random.default_rng(seed)
+
+    def clip(name: str) -> str:
+        seconds = float(rng.uniform(0.6, 1.2))
+        t = np.arange(int(16000 * seconds)) / 16000
+        samples = 0.3 * np.sin(2 * np.pi * rng.uniform(120, 400) * t) + 0.02 * rng.standard_normal(t.size)
+        write_wav(media / f"{name}.wav", samples)
+        return f"{name}.wav"
+
+    def user(path: str, transcript: str = "") -> str:
+        return json.dumps({"path": path, "text": transcript, "token": "", "ref_path": "", "ref_text": ""})
+
+    def spoken(text: str, with_tokens: bool, name: str) -> str:
+        if with_tokens:
+            codes = rng.integers(0, codebook, size=int(rng.integers(8, 20))).tolist()
+            return json.dumps({"path": "", "text": text, "token": "<|audio_bos|>" * SPEECH_DELAY
+                               + speech_token_string(codes), "ref_path": "", "ref_text": ""})
+        return json.dumps({"path": "", "text": text, "token": "", "ref_path": clip(name), "ref_text": text})
+
+    s2t, s2m = "You are asked to generate text tokens.", "You are asked to generate both text and speech tokens at the same time."
+    words = ["paris", "blue", "seven", "river", "north", "green", "tiger", "piano"]
+    files: dict[str, list[str]] = {"prealign": [], "sft": [], "eval": [], "preferences": []}
+    for i, word in enumerate(words):
+        files["prealign"].append(json.dumps({
+            "system": s2m, "messages": [{"role": "user", "content": AUDIO_PLACEHOLDER},
+                                        {"role": "assistant", "content": AUDIO_PLACEHOLDER}],
+            "audio": [user(clip(f"pre_user_{i}")), spoken(f"the word is {word}", i % 2 == 0, f"pre_asst_{i}")]}))
+        if i % 2:
+            record = {"system": s2t, "messages": [{"role": "user", "content": AUDIO_PLACEHOLDER},
+                                                  {"role": "assistant", "content": f"it is {word}"}],
+                      "audio": [user(clip(f"sft_user_{i}"))]}
+        else:
+            record = {"system": s2m, "messages": [{"role": "user", "content": AUDIO_PLACEHOLDER},
+                                                  {"role": "assistant", "content": AUDIO_PLACEHOLDER}],
+                      "audio": [user(clip(f"sft_user_{i}")), spoken(f"it is {word}", i % 4 == 0, f"sft_asst_{i}")]}
+        files["sft"].append(json.dumps(record))
+    files["sft"].append(json.dumps({  # two turns: every turn and every audio is kept
+        "system": s2m, "messages": [{"role": "user", "content": AUDIO_PLACEHOLDER},
+                                    {"role": "assistant", "content": "it is paris"},
+                                    {"role": "user", "content": "and again? " + AUDIO_PLACEHOLDER},
+                                    {"role": "assistant", "content": AUDIO_PLACEHOLDER}],
+        "audio": [user(clip("multi_user_0")), user(clip("multi_user_1")), spoken("still paris", False, "multi_asst")],
+        "meta": {"id": "two-turns"}}))
+    refused_at = len(files["sft"]) + 1
+    files["sft"].append('{"system": "broken", "messages": [')
+    files["sft"].append(json.dumps({"system": s2t, "messages": [{"role": "user", "content": AUDIO_PLACEHOLDER},
+                                                                {"role": "assistant", "content": "lost"}],
+                                    "audio": [user("no_such_clip.wav")]}))
+    files["sft"].append(json.dumps({"system": s2t, "messages": [{"role": "assistant", "content": "first"},
+                                                                {"role": "user", "content": "then"}], "audio": []}))
+    for i, word in enumerate(words[:4]):
+        files["eval"].append(json.dumps({
+            "system": s2t if i % 2 else s2m,
+            "messages": [{"role": "user", "content": AUDIO_PLACEHOLDER},
+                         {"role": "assistant", "content": word if i % 2 else AUDIO_PLACEHOLDER}],
+            "audio": [user(clip(f"eval_user_{i}"), f"say {word}")] + ([] if i % 2 else [spoken(word, True, "")])}))
+        other = words[(i + 1) % len(words)]
+        files["preferences"].append(json.dumps({
+            "system": s2m, "messages": [{"role": "user", "content": AUDIO_PLACEHOLDER}],
+            "chosen": {"role": "assistant", "content": AUDIO_PLACEHOLDER},
+            "rejected": {"role": "assistant", "content": AUDIO_PLACEHOLDER},
+            "audio": [user(clip(f"pref_user_{i}")), spoken(word, True, ""), spoken(other, i % 2 == 0, f"pref_rej_{i}")],
+            "meta": {"dimension": "robustness"} if i % 2 else {}}))
+    manifests.mkdir(parents=True, exist_ok=True)
+    for name, lines in files.items():
+        (manifests / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return {"folder": folder, "refused": [("sft.jsonl", refused_at + k) for k in range(3)],
+            "kept": {"prealign": 8, "sft": 9, "eval": 4, "preferences": 4}}

@@ -1,6 +1,7 @@
 """Parameter files: both shipped files validate, and bad ones stop with a message naming the key."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -102,3 +103,36 @@ def test_an_overlay_removes_a_key_by_setting_it_to_null(root, tmp_path):
     overlay.write_text("text_tokenizer: {kind: pretrained, path: models/Qwen3-8B, vocab_size: null}\n")
     config = load([root / "params/default.yaml", overlay])
     assert config["text_tokenizer"] == {"kind": "pretrained", "path": "models/Qwen3-8B"}
+
+
+DEFAULT = yaml.safe_load((Path(__file__).parents[1] / "params/default.yaml").read_text())
+
+
+def _paper(root):
+    return yaml.safe_load((root / "params/paper.yaml").read_text())
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(noise=DEFAULT["noise"]), r"noise: the tiny world's sections are read by no rule"),
+    (lambda c: c.update(text_tokenizer=DEFAULT["text_tokenizer"]), r"text_tokenizer\.kind: .* no world to train it on"),
+    (lambda c: c.update(speech_tokenizer=DEFAULT["speech_tokenizer"]),
+     r"speech_tokenizer\.kind: .* give s3"),
+    (lambda c: c["base_llm"].pop("import"), r"base_llm\.import: .* no world"),
+    (lambda c: c["stage1"].pop("data"), r"stage1\.data: name the manifests"),
+    (lambda c: c["data"].pop("preferences"), r"data\.preferences: .* preference"),
+    (lambda c: c["data"].pop("eval"), r"data\.eval: required key is missing"),
+    (lambda c: c["dpo"].update(packing=True), r"dpo\.packing: packing is implemented for the DRSR stages"),
+    (lambda c: c["stage2"].pop("max_length"), r"stage2\.packing: give stage2\.max_length"),
+])
+def test_the_manifests_source_refuses_what_no_rule_would_read_or_could_build(root, change, message):
+    cfg = _paper(root)
+    change(cfg)
+    with pytest.raises(ParamsError, match=message):
+        validate(cfg)
+
+
+def test_the_world_source_requires_the_worlds_sections(root):
+    cfg = _default(root)
+    del cfg["noise"]
+    with pytest.raises(ParamsError, match=r"noise: required key is missing"):
+        validate(cfg)

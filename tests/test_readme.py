@@ -88,6 +88,8 @@ RUN = {
     f".venv/bin/fac merge --base {STAGES}/prealign --other {STAGES}/stage1 --alpha 0.3 --out merged_0.3": ("", _merged),
 }
 SKIP = {
+    ".venv/bin/snakemake --profile workflow/profiles/default --configfile params/paper.yaml my_paths.yaml":
+        "needs Qwen3, Whisper and your data on disk; test_paper_rehearsal runs it over stand-ins with such an overlay",
     "make reproduce": "the whole reproduction (about 30 minutes); the micro_run fixture runs the same DAG",
     "make test": "this test suite itself",
     "make data": "the default world's data half (minutes); the micro world runs the same rules (micro_run)",

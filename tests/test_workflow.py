@@ -41,9 +41,10 @@ def params_of(proc: subprocess.CompletedProcess, action: str) -> dict:
     return json.loads(words[words.index("--params") + 1])
 
 
-# What params/paper.yaml reads from disk: the Qwen3 folder (tokenizer and LLM), the Whisper folder (encoder and ASR
-# scorer) and CosyVoice 3's S3 tokenizer.
-PAPER_COMPONENTS = ("models/Qwen3-8B", "models/whisper-large-v3", "models/speech_tokenizer_v3.onnx")
+# What params/paper.yaml reads from disk: the Qwen3 folder (tokenizer and LLM), the Whisper folder (encoder),
+# CosyVoice 3's S3 tokenizer and the user's manifests.
+PAPER_COMPONENTS = ("models/Qwen3-8B", "models/whisper-large-v3", "models/speech_tokenizer_v3.onnx",
+                    "data/paper/manifests")
 
 
 def paper_components(workdir, leave_out=None):
@@ -63,7 +64,9 @@ def test_paper_params_stand_alone_without_the_tiny_worlds_keys(tmp_path):
     tokenizer = params_of(proc, "data text-tokenizer")
     assert tokenizer == {"kind": "pretrained", "path": "models/Qwen3-8B"}
     assert params_of(proc, "data speech-tokenizer")["kind"] == "s3"
-    assert "fac data asr-lm" not in proc.stdout + proc.stderr  # Whisper scores without the world's n-gram LM
+    planned = planned_jobs(proc)
+    assert "manifests" in planned and not {"world", "tts", "asr_lm", "asr_filter", "noisy"} & set(planned)
+    assert "fac data import-manifests" in proc.stdout + proc.stderr  # the user's data, taken in
 
 
 @pytest.mark.parametrize("component", PAPER_COMPONENTS)
@@ -266,13 +269,23 @@ def test_alpha_ablation_ends_at_the_merge_inputs_and_dpo_per_dimension_runs(micr
 
 @pytest.mark.parametrize("k", [1, 6])
 def test_grouping_ablation_overlay_runs_the_whole_recipe(k, tmp_path):
-    """params/overlays/k{1,4,6}.yaml: the recipe as its own experiment at another grouping factor."""
+    """params/overlays/k{1,4,6}.yaml: the recipe as its own experiment at another grouping factor. k = 1 (a 25 Hz
+    backbone, no grouping) runs to the report; k = 6 (a k that does not divide 25 Hz) runs every rule that lays
+    audio out by k (base LLM slots, encoder CTC, init, pre-alignment) and plans the rest."""
     micro_k = tmp_path / "micro_k.yaml"
     micro_k.write_text(f"experiment: micro_k{k}\nmodel:\n  speech: {{group_size: {k}}}\n")
-    snakemake(tmp_path, overlays=("tests/configs/micro.yaml", str(micro_k)))
-    metrics = json.loads((tmp_path / f"results/micro_k{k}/metrics.json").read_text())
-    assert set(metrics) == {"base_llm", "init", "prealign", "stage1", "merged", "stage2", "dpo", "encoder"}
-    config = json.loads((tmp_path / f"results/micro_k{k}/checkpoints/dpo/config.json").read_text())
+    overlays = ("tests/configs/micro.yaml", str(micro_k))
+    results = tmp_path / f"results/micro_k{k}"
+    if k == 1:
+        snakemake(tmp_path, overlays=overlays)
+        metrics = json.loads((results / "metrics.json").read_text())
+        assert set(metrics) == {"base_llm", "init", "prealign", "stage1", "merged", "stage2", "dpo", "encoder"}
+        last = "dpo"
+    else:
+        snakemake(tmp_path, f"results/micro_k{k}/checkpoints/prealign", overlays=overlays)
+        assert set(planned_jobs(snakemake(tmp_path, "-n", overlays=overlays))) >= {"train_drsr", "merge", "dpo", "report"}
+        last = "prealign"
+    config = json.loads((results / f"checkpoints/{last}/config.json").read_text())
     assert config["audio_config"]["group_size"] == k
 
 

@@ -27,11 +27,13 @@ def snakemake(workdir: Path, *args: str, overlays=("tests/configs/micro.yaml",),
 
 def snakemake_args(workdir: Path, *args: str, overlays=("tests/configs/micro.yaml",), config: str | None = None,
                    base: str = "params/default.yaml"):
-    # Targets and flags first: --configfile and --config take every word after them.
+    # Targets and flags first: --configfile and --config take every word after them. A base without a world
+    # (params/paper.yaml) gets no lexicon.
+    world = [f"world={{source: {ROOT / 'data/world/lexicon.yaml'}}}"] if base == "params/default.yaml" else []
+    extra = world + ([config] if config else [])
     return [*args, "-s", str(ROOT / "workflow/Snakefile"), "--directory", str(workdir),
             "--cores", "2", "--configfile", str(ROOT / base),
-            *[str(ROOT / o) for o in overlays],
-            "--config", f"world={{source: {ROOT / 'data/world/lexicon.yaml'}}}", *([config] if config else [])]
+            *[str(ROOT / o) for o in overlays], *(["--config", *extra] if extra else [])]
 
 
 def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:

@@ -60,14 +60,22 @@ def build_world(params: dict, source: str, out_dir: str) -> dict:
     return stats
 
 
-def build_text_tokenizer(params: dict, world_dir: str, out_dir: str) -> dict:
+def build_text_tokenizer(params: dict, world_dir: str | None, out_dir: str) -> dict:
+    """The text tokenizer, trained on the world's sentences or adopted from a folder (no world: source manifests,
+    where only `pretrained` applies; tokens per word are then not measured)."""
     from fac.data.text_tokenizer import released_id_mismatches, special_ids, text_tokenizer, tokens_per_word
 
-    sentences = (Path(world_dir) / "sentences.txt").read_text().split("\n")
-    sentences = [s for s in sentences if s.strip()]
+    if world_dir:
+        sentences = [s for s in (Path(world_dir) / "sentences.txt").read_text().split("\n") if s.strip()]
+    elif params.get("kind", "train") == "train":
+        raise ValueError("text_tokenizer kind 'train' learns from the world's sentences; without a world (data source "
+                         "manifests) use kind 'pretrained' with a tokenizer folder")
+    else:
+        sentences = []
     tok = text_tokenizer(params).build(sentences, out_dir)
-    words = (Path(world_dir) / "vocabulary.txt").read_text().split()
-    stats = {"kind": params.get("kind", "train"), "vocab_size": len(tok), "tokens_per_word": tokens_per_word(tok, words),
+    words = (Path(world_dir) / "vocabulary.txt").read_text().split() if world_dir else []
+    stats = {"kind": params.get("kind", "train"), "vocab_size": len(tok),
+             "tokens_per_word": tokens_per_word(tok, words) if words else None,
              "special_ids": special_ids(tok), "released_ids": not released_id_mismatches(tok)}
     write_json(stats, Path(out_dir) / "stats.json")
     log.info("text tokenizer: %s", stats)

@@ -6,6 +6,10 @@ base LLM's knowledge, retained or forgotten); speech_token_acc is the SRH's teac
 spoken_qa_acc_noisy (robustness) asks them at 10 dB SNR; emotion_acc (audio understanding) and empathy_acc
 (voice empathy) use the emotion clips of the test split; instruction_acc (instruction following) asks the
 test questions with a speaking style in the system prompt and judges the generated speech's length.
+
+Without a world (data source manifests: the user's own data), `evaluate_sets` scores the named evaluation
+manifests with what they allow: answer match on the reference reply's text, speech-token accuracy on spoken
+references, and for a plain LLM answer match on the clips' transcripts; it lists the world's metrics it skipped.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from transformers import AutoModelForCausalLM
 from fac.data.text_tokenizer import AUDIO_QUESTION_PROMPT, SYSTEM_PROMPTS
 from fac.model import load_checkpoint
 from fac.model.processing import IGNORE_INDEX, SpecialIds, collate
-from fac.train.data import FeatureCache, SpokenData, chat_ids
+from fac.train.data import FeatureCache, SpokenData, SpokenRecord, chat_ids, encode_text, load_records
 from fac.train.stages import load_tokenizer
 
 log = logging.getLogger("fac.eval")
@@ -154,8 +158,131 @@ def speech_token_accuracy(model, data: SpokenData, name: str, batch_size: int = 
     return hits / max(1, total)
 
 
-def evaluate(stage: str, model_dir: str, world_dir: str, manifest_dir: str, data_root: str) -> dict:
-    """All metrics that apply to a checkpoint: a plain LLM gets text QA only, a DRSR model everything."""
+def normalise(text: str) -> str:
+    """Lower case, punctuation dropped, whitespace collapsed (the answer-match comparison)."""
+    return " ".join("".join(c if c.isalnum() or c.isspace() else " " for c in text.lower()).split())
+
+
+def answer_matches(reference: str, response: str) -> bool:
+    """UltraEval-Audio's answer match: the reference answer, normalised, occurs in the normalised response."""
+    ref = normalise(reference)
+    return bool(ref) and f" {ref} " in f" {normalise(response)} "
+
+
+@torch.no_grad()
+def answer_match_accuracy(model, data: SpokenData, name: str, tokenizer) -> float:
+    """Greedy answer to each record's last user turn (its earlier turns as history), in the record's own mode
+    (speech and text when the reference reply is spoken); correct when the reference reply's text occurs in it."""
+    model.eval()
+    records = data.records[name]
+    correct = 0
+    for rec in tqdm(records, desc=f"answer match {name}", unit="record"):
+        budget = len(encode_text(tokenizer, rec.text)) + 8
+        if rec.codes is not None:  # the text stream of a spoken reply runs one token per slot, then <|sil|>
+            budget = max(budget, spoken_reply_budget(len(rec.codes), model.config.audio_config.group_size))
+        out = model.generate_speech_text(**data.prompt(rec), mode="s2m" if rec.codes is not None else "s2t",
+                                         max_new_tokens=budget)
+        correct += answer_matches(rec.text, tokenizer.decode(out.text_ids[0].tolist(), skip_special_tokens=True))
+    return correct / len(records)
+
+
+def text_form(rec) -> str | None:
+    """A record's conversation before its last reply as text (each clip by its transcript), for a plain LLM;
+    None when a clip has no transcript or the record has history (a text LLM is asked single questions)."""
+    if len(rec.turns) != 2:
+        return None
+    parts = []
+    for piece in rec.turns[0]["pieces"]:
+        text = piece.get("text", piece.get("transcript"))
+        if not text:
+            return None
+        parts.append(text)
+    return "".join(parts)
+
+
+@torch.no_grad()
+def text_answer_match(llm, tokenizer, data: SpokenData, name: str, batch_size: int = 16) -> float | None:
+    """A plain causal LM asked each record's question in text (the clip's transcript): answer match; None when no
+    record of the set has transcripts."""
+    asked = [(text_form(rec), rec) for rec in data.records[name]]
+    asked = [(q, rec) for q, rec in asked if q]
+    if not asked:
+        return None
+    llm.eval()
+    correct = 0
+    for start in range(0, len(asked), batch_size):
+        chunk = asked[start:start + batch_size]
+        prompts = [chat_ids(tokenizer, SYSTEM_PROMPTS["s2t"], q, None)[0] for q, _ in chunk]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding for batched generation
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        budget = max(len(encode_text(tokenizer, rec.text)) for _, rec in chunk) + 8
+        out = llm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=budget, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        for (_, rec), row in zip(chunk, out[:, width:].tolist()):
+            correct += answer_matches(rec.text, tokenizer.decode(row, skip_special_tokens=True))
+    return correct / len(asked)
+
+
+# What the world's evaluation measures that a user's manifests (no world, no `meta` of fac's tasks) cannot give.
+WORLD_ONLY_METRICS = ["spoken_qa_acc", "spoken_qa_acc_unseen_voices", "text_qa_acc", "spoken_qa_acc_noisy",
+                      "emotion_acc", "empathy_acc", "instruction_acc"]
+
+
+def evaluate_sets(stage: str, model_dir: str, manifest_dir: str, data_root: str, sets: list[str]) -> dict:
+    """Source manifests: what can be scored without the world, per evaluation set: `answer_match_<set>` (the
+    reference reply's text in the model's answer), `speech_token_acc_<set>` (teacher-forced SRH accuracy on the
+    spoken references), and for a plain LLM `text_answer_match_<set>` (asked the clips' transcripts). `skipped`
+    lists what the world's evaluation has and these sets cannot give."""
+    tokenizer = load_tokenizer(model_dir)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    skipped = list(WORLD_ONLY_METRICS)
+    metrics: dict = {}
+    if config.get("model_type") != "funaudiochat":
+        llm = AutoModelForCausalLM.from_pretrained(model_dir)
+        holder = _TextSets(manifest_dir, sets)
+        for name in sets:
+            score = text_answer_match(llm, tokenizer, holder, name)
+            if score is None:
+                skipped.append(f"text_answer_match_{name} (no transcripts)")
+            else:
+                metrics[f"text_answer_match_{name}"] = score
+    else:
+        model = load_checkpoint(model_dir)
+        special = SpecialIds.from_tokenizer(tokenizer, model.config)
+        features = FeatureCache(data_root, model.config.audio_config.num_mel_bins)
+        data = SpokenData(manifest_dir, {n: 1.0 for n in sets}, features, tokenizer, special,
+                          model.config.audio_config.group_size)
+        for name in sets:
+            metrics[f"answer_match_{name}"] = answer_match_accuracy(model, data, name, tokenizer)
+            spoken = [rec for rec in data.records[name] if rec.codes is not None]
+            if spoken:
+                metrics[f"speech_token_acc_{name}"] = speech_token_accuracy(model, data, name)
+            else:
+                skipped.append(f"speech_token_acc_{name} (no spoken references)")
+    metrics.update(efficiency(model_dir))
+    metrics["skipped"] = skipped
+    log.info("%s: %s (skipped: %s)", stage, {k: v for k, v in metrics.items() if k != "skipped"}, ", ".join(skipped))
+    return metrics
+
+
+class _TextSets:
+    """The records of evaluation manifests without features (a plain LLM reads their transcripts only)."""
+
+    def __init__(self, manifest_dir: str, sets: list[str]):
+        self.records = {n: [SpokenRecord(r, f"{manifest_dir}/{n}.jsonl") for r in load_records(manifest_dir, n)]
+                        for n in sets}
+
+
+def evaluate(stage: str, model_dir: str, world_dir: str | None, manifest_dir: str, data_root: str,
+             sets: list[str] | None = None) -> dict:
+    """All metrics that apply to a checkpoint: a plain LLM gets text QA only, a DRSR model everything. Without a
+    world (data source manifests), `evaluate_sets` on the named evaluation manifests."""
+    if not world_dir:
+        return evaluate_sets(stage, model_dir, manifest_dir, data_root, sets or [])
     tokenizer = load_tokenizer(model_dir)
     config = json.loads((Path(model_dir) / "config.json").read_text())
     if config.get("model_type") != "funaudiochat":
@@ -210,7 +337,7 @@ def collect(stage_files: dict[str, str], extra: dict[str, str] | None = None) ->
 
 
 def markdown_table(table: dict[str, dict]) -> str:
-    metrics = sorted({m for row in table.values() for m in row})
+    metrics = sorted({m for row in table.values() for m, v in row.items() if not isinstance(v, list)})
     lines = ["| stage | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for stage, row in table.items():
         cells = [f"{row[m]:.3f}" if isinstance(row.get(m), float) else str(row.get(m, "")) for m in metrics]

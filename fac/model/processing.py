@@ -104,6 +104,74 @@ def _prompt(system_ids, user_speech: torch.Tensor, ids: SpecialIds, group_size: 
     ]
 
 
+@dataclass
+class UserTurn:
+    """A user turn: its content in order, each piece token ids (text) or audio (log-mel features [M, T], or a bare
+    speech length when there are no features)."""
+
+    pieces: list  # list[list[int] | torch.Tensor | int]
+
+
+@dataclass
+class AssistantTurn:
+    """An assistant turn: text, or, with `codes` (25 Hz speech codes), a spoken reply whose transcript is `text_ids`."""
+
+    text_ids: list[int]
+    codes: list[int] | None = None
+
+
+def _is_audio(piece) -> bool:
+    return isinstance(piece, int) or isinstance(piece, torch.Tensor)
+
+
+def build_conversation(system_ids, turns: list, special_ids: SpecialIds, group_size: int, delay: int = SPEECH_DELAY,
+                       generation_prompt: bool = False) -> Example:
+    """A conversation of any number of turns (UserTurn / AssistantTurn, in order) as the official template lays it
+    out: every audio of every turn in `<|AUDIO|>` order, labels on every assistant turn (its content and turn
+    suffix). With `generation_prompt` the stream ends with "<|im_start|>assistant\\n" (inference), no reply after it."""
+    ids = special_ids
+    stream = [*ids.system_prefix, *system_ids, *ids.turn_suffix]
+    labels = [IGNORE_INDEX] * len(stream)
+    speech_ids, text_ids, features = [], [], []
+    for turn in turns:
+        if isinstance(turn, UserTurn):
+            part = list(ids.user_prefix)
+            for piece in turn.pieces:
+                if _is_audio(piece):
+                    user_speech, user_features = _user_audio(piece, ids)
+                    part += audio_span(len(user_speech), ids, group_size)
+                    speech_ids.append(user_speech)
+                    text_ids.append(torch.zeros(0, dtype=torch.long))
+                    features.append(user_features)
+                else:
+                    part += list(piece)
+            part += [*ids.turn_suffix, *ids.assistant_prefix]
+            stream += part
+            labels += [IGNORE_INDEX] * len(part)
+        elif isinstance(turn, AssistantTurn):
+            if stream[-len(ids.assistant_prefix):] != list(ids.assistant_prefix):
+                raise ValueError("build_conversation: an assistant turn must follow a user turn")
+            if turn.codes is None:
+                reply = [*turn.text_ids, *ids.turn_suffix]
+            else:
+                codes = torch.as_tensor(list(turn.codes), dtype=torch.long)
+                speech = torch.cat([torch.full((delay,), ids.speech_bos, dtype=torch.long), codes])
+                reply = [*audio_span(len(speech), ids, group_size), *ids.turn_suffix]
+                speech_ids.append(speech)
+                text_ids.append(torch.as_tensor(list(turn.text_ids), dtype=torch.long))
+                features.append(None)  # the official plugin blanks the assistant audio's wav
+            stream += reply
+            labels += reply
+        else:
+            raise TypeError(f"build_conversation: a turn is a UserTurn or an AssistantTurn, got {type(turn).__name__}")
+    ends_open = stream[-len(ids.assistant_prefix):] == list(ids.assistant_prefix)
+    if generation_prompt != ends_open:
+        raise ValueError("build_conversation: a generation prompt ends with a user turn, a training conversation "
+                         "with an assistant turn")
+    return Example(torch.tensor(stream, dtype=torch.long), torch.tensor(labels, dtype=torch.long),
+                   speech_ids, text_ids, features)
+
+
 def build_example(
     system_ids,
     user_audio: int | torch.Tensor,
@@ -113,30 +181,20 @@ def build_example(
     group_size: int,
     delay: int = SPEECH_DELAY,
 ) -> Example:
-    """One training conversation: system text, user speech, assistant reply.
+    """One training conversation: system text, user speech, assistant reply (`build_conversation` of one turn each).
 
     `user_audio` is the user's log-mel features [M, T] (100 frames/s; its placeholder speech is int(25 * seconds)
     pad tokens) or just a speech length (no features). With `assistant_speech_codes` (25 Hz codes) the reply is an
     audio span whose speech is `delay` x speech-bos then the codes and whose transcript is `assistant_text_ids`
     (the parallel text stream); with None the reply is the plain text `assistant_text_ids` (speech-to-text data).
     """
-    ids = special_ids
-    user_speech, user_features = _user_audio(user_audio, ids)
-    prompt = _prompt(list(system_ids), user_speech, ids, group_size)
-    assistant_text = torch.as_tensor(list(assistant_text_ids), dtype=torch.long)
-    speech_ids, text_ids, features = [user_speech], [torch.zeros(0, dtype=torch.long)], [user_features]
-    if assistant_speech_codes is None:
-        reply = [*assistant_text.tolist(), *ids.turn_suffix]
-    else:
-        codes = torch.as_tensor(list(assistant_speech_codes), dtype=torch.long)
-        speech = torch.cat([torch.full((delay,), ids.speech_bos, dtype=torch.long), codes])
-        reply = [*audio_span(len(speech), ids, group_size), *ids.turn_suffix]
-        speech_ids.append(speech)
-        text_ids.append(assistant_text)
-        features.append(None)  # the official plugin blanks the assistant audio's wav
-    input_ids = torch.tensor(prompt + reply, dtype=torch.long)
-    labels = torch.cat([torch.full((len(prompt),), IGNORE_INDEX, dtype=torch.long), torch.tensor(reply)])
-    return Example(input_ids, labels, speech_ids, text_ids, features)
+    if not _is_audio(user_audio) or (isinstance(user_audio, torch.Tensor) and user_audio.ndim != 2):
+        raise ValueError(
+            f"user_audio must be a speech length (int) or log-mel features [n_mels, frames], got {type(user_audio)}"
+        )
+    codes = None if assistant_speech_codes is None else list(assistant_speech_codes)
+    return build_conversation(system_ids, [UserTurn([user_audio]), AssistantTurn(list(assistant_text_ids), codes)],
+                              special_ids, group_size, delay)
 
 
 def _length_mask(lengths: list[int], width: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Training data: manifests and the world's text turned into model inputs, sampled as a weighted mixture.
+"""Training data: manifests (of any number of turns) and the world's text turned into model inputs, sampled as a
+weighted mixture, one conversation per row or packed (fac.train.packing).
 
 Batches are a pure function of the step (see trainer.step_rng), so a resumed run sees the same batches.
 """
@@ -14,10 +15,12 @@ import torch
 from tqdm import tqdm
 
 from fac.data.audio import read_wav
-from fac.data.manifests import parse_speech_tokens, read_manifest
+from fac.data.imported import Refused, record_turns
+from fac.data.manifests import read_manifest
 from fac.data.text_tokenizer import SYSTEM_PROMPTS
-from fac.model.processing import (IGNORE_INDEX, SPEECH_DELAY, SPEECH_TOKENS_PER_SECOND, Example, SpecialIds,
-                                   build_example, build_prompt, collate, log_mel)
+from fac.model.processing import (IGNORE_INDEX, SPEECH_DELAY, SPEECH_TOKENS_PER_SECOND, AssistantTurn, Example,
+                                   SpecialIds, UserTurn, build_conversation, build_prompt, collate, log_mel)
+from fac.train.packing import collate_packed, pack_groups
 from fac.train.trainer import EpochOrder, step_rng
 
 log = logging.getLogger("fac.train")
@@ -155,28 +158,36 @@ def load_records(manifest_dir: str | Path, name: str) -> list[dict]:
 
 
 class SpokenRecord:
-    """One manifest record unpacked: user clip path, assistant text, assistant speech codes, meta."""
+    """One manifest record unpacked (fac.data.imported.record_turns): every turn in order, and, for the single-turn
+    tasks, the first user clip and the last assistant reply (its text and speech codes, or None for text)."""
 
     def __init__(self, record: dict, source: str):
-        audios = [json.loads(a) for a in record["audio"]]
-        if not audios or not audios[0].get("path"):
-            raise ValueError(f"{source}: record {record.get('meta', {}).get('id')} has no user audio path")
-        self.system = record["system"]
-        self.user_path = audios[0]["path"]
-        self.meta = record.get("meta", {})
-        assistant = record["messages"][-1]["content"]
-        if len(audios) > 1:
-            self.text = audios[1]["text"]
-            self.codes = parse_speech_tokens(audios[1]["token"])
-        else:
-            self.text, self.codes = assistant, None
+        try:
+            parsed = record_turns(record)
+        except Refused as err:
+            raise ValueError(f"{source}: record {(record.get('meta') or {}).get('id')}: {err}") from err
+        self.system, self.turns, self.meta = parsed["system"], parsed["turns"], parsed["meta"]
+        clips = [p["audio"] for t in self.turns if t["role"] == "user" for p in t["pieces"] if "audio" in p]
+        if not clips:
+            raise ValueError(f"{source}: record {self.meta.get('id')} has no user audio")
+        self.user_path, self.clips = clips[0], clips
+        last = self.turns[-1]
+        self.text, self.codes = last["text"], last["codes"]
+
+    @property
+    def single_turn(self) -> bool:
+        """One user turn holding exactly one clip (the official single-turn layout)."""
+        return len(self.turns) == 2 and len(self.turns[0]["pieces"]) == 1
 
 
 class SpokenData:
     """Manifests for the DRSR model, sampled by weight; examples built as the official pipeline does."""
 
     def __init__(self, manifest_dir: str | Path, mixture: dict[str, float], features: FeatureCache, tokenizer,
-                 special: SpecialIds, group_size: int, max_length: int | None = None):
+                 special: SpecialIds, group_size: int, max_length: int | None = None, packing: bool = False):
+        if packing and not max_length:
+            raise ValueError("packing: give the stage's max_length, the length of a packed row")
+        self.packing, self.max_length = packing, max_length
         if not mixture:
             raise ValueError("stage data mixture is empty: give at least one manifest name with a weight")
         self.names, self.mixture = list(mixture), {n: float(w) for n, w in mixture.items()}
@@ -190,8 +201,9 @@ class SpokenData:
         self.features, self.tokenizer, self.special, self.group_size = features, tokenizer, special, group_size
         self._system_ids: dict[str, list[int]] = {}
         for name in self.names:  # compute features up front, with a progress bar, not in the first steps
-            for rec in tqdm(self.records[name], desc=f"features {name}", unit="clip"):
-                self.features(rec.user_path)
+            for rec in tqdm(self.records[name], desc=f"features {name}", unit="record"):
+                for clip in rec.clips:
+                    self.features(clip)
         self.dropped = self._drop_longer_than(max_length) if max_length else {}
 
     def _drop_longer_than(self, max_length: int) -> dict[str, int]:
@@ -209,11 +221,28 @@ class SpokenData:
             self.records[name] = keep
         return dropped
 
+    def _system(self, system: str) -> list[int]:
+        if system not in self._system_ids:
+            self._system_ids[system] = encode_text(self.tokenizer, system)
+        return self._system_ids[system]
+
+    def turns(self, turns: list[dict], spoken_history: bool = True) -> list:
+        """Parsed turns as the model's turns (text encoded, clips as features). Without `spoken_history` an
+        assistant turn's speech is left out (its transcript stays): a generation prompt's history carries the
+        replies' text, as generation has no transcript input for a past spoken reply."""
+        out = []
+        for turn in turns:
+            if turn["role"] == "user":
+                out.append(UserTurn([self.features(p["audio"]) if "audio" in p else encode_text(self.tokenizer, p["text"])
+                                     for p in turn["pieces"]]))
+            else:
+                out.append(AssistantTurn(encode_text(self.tokenizer, turn["text"]),
+                                         turn["codes"] if spoken_history else None))
+        return out
+
     def example(self, rec: SpokenRecord) -> Example:
-        if rec.system not in self._system_ids:
-            self._system_ids[rec.system] = encode_text(self.tokenizer, rec.system)
-        return build_example(self._system_ids[rec.system], self.features(rec.user_path),
-                             encode_text(self.tokenizer, rec.text), rec.codes, self.special, self.group_size)
+        """The training conversation: every turn, labels on every assistant turn."""
+        return build_conversation(self._system(rec.system), self.turns(rec.turns), self.special, self.group_size)
 
     def passes(self, seed: int) -> None:
         """Draw batches as passes without replacement (a stage with `epochs`): one pass holds every record of a
@@ -234,7 +263,7 @@ class SpokenData:
     def batch(self, step: int, batch_size: int, seed: int) -> dict:
         if self.order is not None:
             chosen = [self.records[name][i] for name, i in (self.flat[p] for p in self.order.take(step, batch_size))]
-            return collate([self.example(r) for r in chosen], self.special)
+            return self.collate([self.example(r) for r in chosen])
         rng = step_rng(seed, step)
         chosen = []
         for _ in range(batch_size):
@@ -242,11 +271,24 @@ class SpokenData:
             name = next(n for n, c in zip(self.names, self.cum) if u <= c) if u < self.cum[-1] else self.names[-1]
             records = self.records[name]
             chosen.append(records[rng.randrange(len(records))])
-        return collate([self.example(r) for r in chosen], self.special)
+        return self.collate([self.example(r) for r in chosen])
+
+    def collate(self, examples: list[Example]) -> dict:
+        """One row per conversation, or with `packing` the batch's conversations packed into rows of at most
+        max_length positions (fac.train.packing: same loss and gradients, less padding)."""
+        if not self.packing:
+            return collate(examples, self.special)
+        groups = pack_groups([len(e.input_ids) for e in examples], self.max_length)
+        return collate_packed([[examples[i] for i in group] for group in groups], self.special)
 
     def prompt(self, rec: SpokenRecord, system: str | None = None) -> dict:
-        """Inference inputs for one record (the official processor's layout), system prompt overridable."""
-        system = system or rec.system
-        if system not in self._system_ids:
-            self._system_ids[system] = encode_text(self.tokenizer, system)
-        return build_prompt(self._system_ids[system], self.features(rec.user_path), self.special, self.group_size)
+        """Inference inputs for one record up to its last reply (the official processor's layout for a single
+        spoken turn; a multi-turn record's earlier turns as history, see `turns`), system prompt overridable."""
+        system_ids = self._system(system or rec.system)
+        if rec.single_turn:
+            return build_prompt(system_ids, self.features(rec.user_path), self.special, self.group_size)
+        example = build_conversation(system_ids, self.turns(rec.turns[:-1], spoken_history=False), self.special,
+                                     self.group_size, generation_prompt=True)
+        batch = collate([example], self.special)
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "speech_ids", "speech_attention_mask",
+                                      "input_features", "feature_attention_mask", "feature_exist_mask")}

@@ -43,6 +43,8 @@ from fac.train.trainer import EpochOrder, StageConfig, Trainer, epoch_mode, file
 log = logging.getLogger("fac.train")
 
 DIMENSIONS = ("robustness", "instruction_following", "audio_understanding", "empathy")
+# A user's preference pair (data source manifests) without `meta.dimension` is of dimension "general".
+PAIR_DIMENSIONS = DIMENSIONS + ("general",)
 
 
 # ----------------------------------------------------------------------------------------------- the loss
@@ -222,7 +224,7 @@ def read_pairs(path: str | Path) -> list[dict]:
             continue
         try:
             pair = json.loads(line)
-            if pair["dimension"] not in DIMENSIONS or not pair["chosen"]["text"] or not pair["rejected"]["text"]:
+            if pair["dimension"] not in PAIR_DIMENSIONS or not pair["chosen"]["text"] or not pair["rejected"]["text"]:
                 raise ValueError("unknown dimension or empty reply")
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{path}:{n}: not a preference pair ({error})") from error
@@ -306,9 +308,9 @@ def train_dpo(stage: dict, model_dir: str, pairs_path: str, data_root: str, out_
     special = SpecialIds.from_tokenizer(tokenizer, model.config)
     features = FeatureCache(data_root, model.config.audio_config.num_mel_bins)
     weights = {d: float(w) for d, w in (stage.get("dimension_weights") or {}).items()}
-    unknown = set(weights) - set(DIMENSIONS)
+    unknown = set(weights) - set(PAIR_DIMENSIONS)
     if unknown:
-        raise ValueError(f"dpo.dimension_weights: unknown dimension(s) {sorted(unknown)}; expected {DIMENSIONS}")
+        raise ValueError(f"dpo.dimension_weights: unknown dimension(s) {sorted(unknown)}; expected {PAIR_DIMENSIONS}")
     data = PairData(read_pairs(pairs_path), features, tokenizer, special, model.config.audio_config.group_size,
                     weights, stage.get("max_length"))
     beta = float(stage.get("beta", 0.1))

@@ -454,19 +454,19 @@ def train_encoder(stage: dict, model_params: dict, manifest_dir: str, data_root:
 # --------------------------------------------------------------------------------------- DRSR model
 
 
-def feature_scale(model, manifest_dir: str, data_root: str, clips: int = 64) -> float:
+def feature_scale(model, manifest_dir: str, data_root: str, clips: int = 64, name: str = "asr_train") -> float:
     """LLM word-embedding norm / continuous-feature norm, measured on training clips.
 
     The CTC-trained encoder emits vectors tens of times longer than the LLM's word embeddings (measured
     17.8 vs 0.44); fed as they are, they swamp the residual stream, and an identity adapter moves far too
     slowly under AdamW to shrink them (spoken QA stayed at chance). The adapter starts at this scale.
     """
-    records = load_records(manifest_dir, "asr_train")[:clips]
+    records = load_records(manifest_dir, name)[:clips]
     features = FeatureCache(data_root, model.config.audio_config.num_mel_bins)
     norms = []
     with torch.no_grad():
         for record in records:
-            feats = features(SpokenRecord(record, "asr_train").user_path)[None]  # [1, M, T]
+            feats = features(SpokenRecord(record, name).user_path)[None]  # [1, M, T]
             mask = torch.ones(1, feats.shape[-1], dtype=torch.long)
             length = int(encoder_output_lengths(mask.sum(-1), model.config.audio_config.n_window)[0])
             hidden = model.continuous_audio_tower(feats, mask, length)[0]  # [n, H]
@@ -510,7 +510,8 @@ def init_from_released(released_dir: str, tokenizer_dir: str, speech_tokenizer_d
 
 
 def init_model(model_params: dict, base_llm_dir: str, encoder_dir: str, tokenizer_dir: str,
-               speech_tokenizer_dir: str, manifest_dir: str, data_root: str, out_dir: str, seed: int) -> dict:
+               speech_tokenizer_dir: str, manifest_dir: str, data_root: str, out_dir: str, seed: int,
+               scale_manifest: str = "asr_train") -> dict:
     """Assemble the DRSR model: the base LLM and the pretrained encoder; adapter and SRH freshly initialised."""
     from safetensors.torch import load_file
 
@@ -532,7 +533,7 @@ def init_model(model_params: dict, base_llm_dir: str, encoder_dir: str, tokenize
     model.continuous_audio_tower.load_state_dict(tower, strict=True)
     # The encoder already points along the LLM's word embeddings: the adapter starts as a scaled identity
     # that brings its features to the embeddings' length.
-    scale = feature_scale(model, manifest_dir, data_root)
+    scale = feature_scale(model, manifest_dir, data_root, name=scale_manifest)
     with torch.no_grad():
         model.audio_tower.continual_output_matching.weight.copy_(scale * torch.eye(config.audio_config.output_dim))
     log.info("init: adapter = %.4f x identity (word-embedding norm / encoder feature norm)", scale)
@@ -554,7 +555,7 @@ def train_drsr(name: str, stage: dict, model_dir: str, manifest_dir: str, data_r
     special = SpecialIds.from_tokenizer(tokenizer, model.config)
     features = FeatureCache(data_root, model.config.audio_config.num_mel_bins)
     data = SpokenData(manifest_dir, stage.get("data", {}), features, tokenizer, special,
-                      model.config.audio_config.group_size, stage.get("max_length"))
+                      model.config.audio_config.group_size, stage.get("max_length"), bool(stage.get("packing")))
     if epoch_mode(stage):
         data.passes(int(stage.get("seed", 0)))
     cfg = StageConfig.from_params(resolve_steps(stage, len(data)))

@@ -133,6 +133,13 @@ class EpochOrder:
         return [self._pass(p // self.n)[p % self.n] for p in range(start, start + batch_size)]
 
 
+def packed_tokens(position_ids: torch.Tensor) -> int:
+    """Tokens of a packed batch (no attention mask: positions restart at 0 per conversation, padding is 0): every
+    nonzero position, plus each conversation's first (a 0 followed by a 1)."""
+    starts = (position_ids[:, :-1] == 0) & (position_ids[:, 1:] == 1)
+    return int((position_ids != 0).sum() + starts.sum())
+
+
 def epoch_mode(stage: dict) -> bool:
     """True when a stage counts its training in passes over its data (`epochs`) and gives no `steps`."""
     return "epochs" in stage and "steps" not in stage
@@ -260,6 +267,8 @@ class Trainer:
                 batch = self.batch_fn((self.step * cfg.grad_accum + micro) * self.world_size + self.rank)
                 if isinstance(batch, dict) and isinstance(batch.get("attention_mask"), torch.Tensor):
                     tokens += int(batch["attention_mask"].sum())
+                elif isinstance(batch, dict) and isinstance(batch.get("position_ids"), torch.Tensor):
+                    tokens += packed_tokens(batch["position_ids"])
                 if self.ds is None:
                     with torch.autocast("cuda", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                         loss, parts = self.loss_fn(self.model, to_device(batch, self.device))

@@ -1,0 +1,86 @@
+"""Sequence packing for DRSR training batches: several conversations share one row of the LLM stream.
+
+Each conversation keeps its own positions (restarting at 0), and attention never crosses from one conversation
+to another, in the LLM and in the Speech Refined Head alike, so a packed batch gives the loss and gradients of
+the same conversations collated one per row (`fac.model.processing.collate`), with less padding.
+
+How the separation reaches the model: `collate_packed` returns `attention_mask=None` and `position_ids` that
+restart at 0 for every conversation (padding: 0s). With no 2-D mask and no cache, transformers' Qwen3 mask
+builder (`masking_utils.create_causal_mask` -> `find_packed_sequence_indices`) reads every restart of the
+positions as a new sequence and builds a causal mask that is block-diagonal over them, for sdpa, eager and flex
+attention alike (flash attention uses the same positions for its variable-length kernel). The model turns the
+LLM positions p into the SRH's sub-frame positions G*p + j (`_srh_position_ids`), which restart at the same
+boundaries, so the SRH's own Qwen3 stack separates the conversations the same way. A 2-D `attention_mask`
+passed with these positions would switch that detection off (plain causal over the whole row).
+
+The losses are means over all label tokens of the batch (text and speech separately, `mean_cross_entropy`);
+packing keeps the same label tokens, so the means are the same. At a boundary, the last token of a conversation
+"predicts" the first token of the next, whose label is ignored (it is the system prompt), as it predicts
+padding in an unpacked row.
+"""
+from __future__ import annotations
+
+import torch
+
+from fac.model.processing import IGNORE_INDEX, Example, SpecialIds, collate
+
+
+def pack_groups(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Group example indices into rows of at most `max_length` positions (first-fit decreasing).
+
+    Examples are placed longest first (ties: lower index first) into the first row with room, a new row opened
+    when none has; each row lists its indices in ascending order, rows in the order they were opened. The result
+    is a deterministic function of the lengths, and every index appears exactly once. Raises ValueError for an
+    example longer than `max_length` (it cannot fit even alone in a row) or a length below 1.
+    """
+    if max_length < 1:
+        raise ValueError(f"pack_groups: max_length must be at least 1, got {max_length}")
+    for i, n in enumerate(lengths):
+        if n < 1:
+            raise ValueError(f"pack_groups: example {i} has length {n}; every example needs at least 1 position")
+        if n > max_length:
+            raise ValueError(f"pack_groups: example {i} has length {n}, longer than max_length {max_length}")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            room.append(max_length)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return [sorted(row) for row in rows]
+
+
+def collate_packed(groups: list[list[Example]], special_ids: SpecialIds, feature_pad_value: float = 0.0) -> dict:
+    """A packed batch: row b is the conversations of groups[b] one after another, right-padded to the longest row.
+
+    Keys as `collate`, plus position_ids [B, S] (0, 1, ... within each conversation; 0 on padding). The
+    attention_mask is None: the restarting position_ids are what keeps conversations apart (module docstring).
+    input_ids are padded with the text pad and labels with IGNORE_INDEX. The audio keys are `collate`'s for all
+    conversations in row order, so the audio rows stay in `<|AUDIO|>` order over the packed stream and the model's
+    scatter of audio slots (row-major over [B, S]) lands on the right positions.
+    """
+    if not groups or any(len(group) == 0 for group in groups):
+        raise ValueError("collate_packed: every row needs at least one conversation")
+    if any(int(e.labels[0]) != IGNORE_INDEX for group in groups for e in group):
+        # The previous conversation's last position would learn to predict it: not what unpacked training does.
+        raise ValueError("collate_packed: a conversation's first token must not be a label (it starts a prompt)")
+    flat = [example for group in groups for example in group]
+    batch = collate(flat, special_ids, feature_pad_value)  # audio keys, in order over the packed rows
+    rows = [torch.cat([e.input_ids for e in group]) for group in groups]
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(groups), width), special_ids.text_pad, dtype=torch.long)
+    labels = torch.full((len(groups), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(groups), width), dtype=torch.long)
+    for b, group in enumerate(groups):
+        start = 0
+        for e in group:
+            end = start + len(e.input_ids)
+            input_ids[b, start:end] = e.input_ids
+            labels[b, start:end] = e.labels
+            position_ids[b, start:end] = torch.arange(len(e.input_ids))
+            start = end
+    batch.update(input_ids=input_ids, attention_mask=None, labels=labels, position_ids=position_ids)
+    return batch
