@@ -66,6 +66,18 @@ def _data(args) -> None:
         steps.speech_tokens(args.tokenizer, args.inputs, args.data_root, args.out, args.stats)
     elif step == "manifests":
         steps.make_manifests(p, args.inputs, args.tokens, args.out)
+    elif step == "text-corpus":
+        from fac.data.spoken import text_corpus
+
+        log.info("text corpus: %s", json.dumps(text_corpus(args.source, args.names, args.out)))
+    elif step == "speak":
+        from fac.data.spoken import speak_shard
+
+        speak_shard(p, args.source, int(args.shard), int(args.shards), args.lm, args.data_root, args.out, args.report)
+    elif step == "merge-spoken":
+        from fac.data.spoken import merge_shards
+
+        log.info("spoken: %s", json.dumps(merge_shards(args.inputs, args.reports, args.out, args.report)))
     elif step == "import-manifests":
         from fac.data.imported import import_manifests
 
@@ -204,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         for opt in options:  # "--name?" is optional (given by the rule only where the component needs it)
             if opt.endswith("?"):
                 sp.add_argument(opt[:-1], nargs="+" if opt[:-1] == "--names" else None)
-            elif opt in ("--inputs", "--names"):
+            elif opt in ("--inputs", "--names", "--reports"):
                 sp.add_argument(opt, nargs="+", required=True)
             elif opt == "--params":
                 sp.add_argument(opt, type=parse_params, required=True,
@@ -290,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     step("speech-tokens", "encode every utterance into speech units", "--tokenizer", "--inputs", "--data-root",
          "--out", "--stats")
     step("manifests", "write conversation manifests", "--params", "--inputs", "--tokens", "--out")
+    step("text-corpus", "data source text: the conversations' sentences and words (the ASR scorer's LM)",
+         "--source", "--names", "--out")
+    step("speak", "data source text: speak one shard of a conversation file, ASR-filter it, write it officially",
+         "--params", "--source", "--shard", "--shards", "--lm?", "--data-root", "--out", "--report")
+    step("merge-spoken", "data source text: merge the shards of one conversation file", "--inputs", "--reports",
+         "--out", "--report")
     step("import-manifests", "data source manifests: take in the user's official-format JSONL (refusals listed)",
          "--source", "--media?", "--names", "--preferences?", "--speech-tokenizer", "--data-root", "--out")
     step("report", "write the data report", "--tts", "--filtered", "--asr-report", "--noisy", "--token-stats",

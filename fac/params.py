@@ -92,8 +92,13 @@ def validate(config: dict, origin: str = "params") -> dict:
     for stage in ("prealign", "stage1", "stage2"):
         if (config.get(stage) or {}).get("packing") and not config[stage].get("max_length"):
             raise ParamsError(f"{origin}: {stage}.packing: give {stage}.max_length, the length of a packed row")
-    if config["data"]["source"] == "manifests":
-        return _check_manifests_source(config, origin)
+    source = config["data"]["source"]
+    if source != "world":
+        _check_own_data_source(config, origin)
+        if source == "manifests":
+            return config
+        if not config["data"].get("shards"):
+            raise ParamsError(f"{origin}: data.shards: data.source text speaks each file in this many jobs; give it")
     tts = config["tts"]
     for name in ("rate", "pitch"):
         low, high = tts[name]
@@ -106,35 +111,43 @@ def validate(config: dict, origin: str = "params") -> dict:
     if tts["engine"] == "command" and not tts.get("command"):
         raise ParamsError(f"{origin}: tts.command: engine 'command' needs a command template with {{text}}, {{voice}} "
                           "and {out}")
-    if "instruct" in config["manifests"]["tasks"] and not config.get("instruction"):
+    if source == "world" and "instruct" in config["manifests"]["tasks"] and not config.get("instruction"):
         raise ParamsError(f"{origin}: manifests.tasks: task 'instruct' needs an `instruction` section "
                           "(the speaking styles to synthesise)")
     return config
 
 
 WORLD_SECTIONS = ("world", "tts", "paraling", "instruction", "asr", "noise", "manifests")
+# Source text speaks and filters its conversations: tts and asr are read, less the keys about the world's plan.
+WORLD_ONLY_KEYS = {"tts": ("questions_per_train_fact", "questions_per_test_fact", "statements_per_train_fact"),
+                   "asr": ("filter_splits",)}
 
 
-def _check_manifests_source(config: dict, origin: str) -> dict:
-    """Data source manifests: no world to learn from, so the components the world trains come from folders, and
-    the world's own sections would be read by no rule (an overlay on the tiny world removes them with null)."""
-    unread = [name for name in WORLD_SECTIONS if name in config]
+def _check_own_data_source(config: dict, origin: str) -> dict:
+    """Data sources manifests and text: no world to learn from, so the components the world trains come from
+    folders, and the world's own sections and keys would be read by no rule (an overlay on the tiny world removes
+    them with null)."""
+    source = config["data"]["source"]
+    read_here = ("tts", "asr") if source == "text" else ()
+    unread = [name for name in WORLD_SECTIONS if name in config and name not in read_here]
+    unread += [f"{section}.{key}" for section in read_here for key in WORLD_ONLY_KEYS[section]
+               if key in config.get(section, {})]
     if unread:
-        raise ParamsError(f"{origin}: {', '.join(unread)}: the tiny world's sections are read by no rule with "
-                          "data.source manifests; remove them (an overlay sets them to null)")
+        raise ParamsError(f"{origin}: {', '.join(unread)}: the tiny world's sections and keys are read by no rule "
+                          f"with data.source {source}; remove them (an overlay sets them to null)")
     needs = [("text_tokenizer.kind", config["text_tokenizer"].get("kind", "train") == "pretrained", "pretrained"),
              ("speech_tokenizer.kind", config["speech_tokenizer"].get("kind") == "s3",
               "s3 (k-means units are learned from the world's clips)"),
              ("base_llm.import", bool(config["base_llm"].get("import")), "a transformers LLM folder")]
     for key, ok, what in needs:
         if not ok:
-            raise ParamsError(f"{origin}: {key}: data.source manifests has no world to train it on; give {what}")
+            raise ParamsError(f"{origin}: {key}: data.source {source} has no world to train it on; give {what}")
     for stage in ("prealign", "stage1", "stage2") + (() if config["encoder"].get("import") else ("encoder",)):
         if not config[stage].get("data"):
             raise ParamsError(f"{origin}: {stage}.data: name the manifests (in data.path) this stage trains on")
     if config.get("dpo") and not config["data"].get("preferences"):
-        raise ParamsError(f"{origin}: data.preferences: with data.source manifests DPO trains on your preference "
-                          "pairs; name their manifest")
+        raise ParamsError(f"{origin}: data.preferences: with data.source {source} DPO trains on your preference "
+                          "pairs; name their file")
     return config
 
 

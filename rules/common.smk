@@ -26,11 +26,12 @@ RESULTS = f"{RESULTS_ROOT}/{EXP}"
 # The data source (params `data.source`): `world` builds the tiny world inside the DAG (rules/world.smk),
 # `manifests` takes in the user's own data (rules/imported.smk); every rule after the manifests is shared.
 WORLD = config["data"]["source"] == "world"
+TEXT = config["data"]["source"] == "text"
 
 
 def check_before_running():
     """Errors that would otherwise surface mid-run, after Snakemake already deleted outputs to redo."""
-    if not WORLD:
+    if not (WORLD or TEXT):
         pass
     elif config["tts"]["engine"] == "espeak-ng":
         from fac.data.voices import check_voices
@@ -58,7 +59,8 @@ check_before_running()
 DATA = f"{RESULTS}/data"
 MANIFEST_COUNTS = f"{DATA}/manifests/counts.json"
 WORLD_QA = f"{DATA}/world/text_qa.jsonl"  # the world's text QA: the base LLM's data and text-QA evaluation
-PREFERENCE_PAIRS = f"{DATA}/manifests/preferences.pairs.jsonl"  # source manifests: the user's preference pairs
+PREFERENCE_PAIRS = f"{DATA}/manifests/preferences.pairs.jsonl"  # sources manifests, text: the user's preference pairs
+SPOKEN = f"{DATA}/spoken"  # source text: the conversations spoken, in the official format
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 ENV = "../environment.yml"
@@ -164,6 +166,39 @@ def import_source(stage):
     """A stage that imports a pretrained component (`import: FOLDER`) has that folder as an input."""
     folder = config[stage].get("import")
     return [folder] if folder else []
+
+
+def asr_lm_inputs(wildcards):
+    """The pocketsphinx scorer's LM is built from the text it will hear: the world's, or the conversations'."""
+    if TEXT:
+        return {"sentences": rules.text_corpus.output.sentences, "vocabulary": rules.text_corpus.output.vocabulary}
+    return {"sentences": rules.world.output.sentences, "vocabulary": rules.world.output.vocabulary}
+
+
+def conversation_names():
+    """Sources manifests and text: every file the DAG reads from data.path (manifests and the preference file)."""
+    return manifest_names() + ([config["data"]["preferences"]] if config["data"].get("preferences") else [])
+
+
+def manifest_sources(wildcards):
+    """The input of the manifests rule, the user's folder (manifests) or the spoken conversations (text)."""
+    if TEXT:
+        return {"spoken": [f"{SPOKEN}/{name}.jsonl" for name in conversation_names()]}
+    return {"source": config["data"]["path"]}
+
+
+def manifest_source_flags(wildcards, input):
+    """--source and --media of the import: the spoken files' clips are relative to the data folder itself."""
+    if TEXT:
+        return f"--source {SPOKEN} --media {DATA}"
+    media = config["data"].get("media")
+    return f"--source {shlex.quote(config['data']['path'])}" + (f" --media {shlex.quote(media)}" if media else "")
+
+
+def speak_params(wildcards):
+    """One shard's synthesis and filter settings; the evaluation sets are spoken by the held-out voices."""
+    return as_json({"tts": config["tts"], "asr": config["asr"], "seed": config["seed"],
+                    "held_out": wildcards.name in config["data"]["eval"]})
 
 
 def asr_scorer_inputs(wildcards):

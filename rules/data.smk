@@ -1,6 +1,7 @@
-# The data half's components both sources share: the text tokenizer and the speech tokenizer. The data source
-# (params `data.source`) brings the rest: rules/world.smk (the tiny world: world -> tts -> asr filter -> noisy copies
-# + speech tokens -> manifests -> report) or rules/imported.smk (the user's own manifests taken in).
+# The data half's components the sources share: the text tokenizer, the speech tokenizer and the pocketsphinx
+# scorer's LM. The data source (params `data.source`) brings the rest: rules/world.smk (the tiny world: world -> tts
+# -> asr filter -> noisy copies + speech tokens -> manifests -> report), rules/imported.smk (the user's own manifests
+# taken in) or rules/text.smk + rules/imported.smk (text conversations spoken, filtered, then taken in).
 
 
 rule text_tokenizer:
@@ -41,6 +42,24 @@ rule speech_tokenizer:
     shell:
         "fac data speech-tokenizer --params {params.cfg} {params.filtered} --data-root {params.root}"
         " --out {output} 2> {log}"
+
+
+rule asr_lm:
+    input:
+        unpack(asr_lm_inputs),
+    output:
+        lm=f"{DATA}/asr/lm.arpa",
+        dictionary=f"{DATA}/asr/words.dict",
+    params:
+        cfg=as_json({"lm_order": config["asr"].get("lm_order")}),  # pocketsphinx only (asr_scorer_inputs)
+        world=input_folder_of("sentences"),
+        out=folder_of("lm"),
+    conda:
+        ENV
+    log:
+        f"{LOGS}/data/asr_lm.log",
+    shell:
+        "fac data asr-lm --params {params.cfg} --world {params.world} --out {params.out} 2> {log}"
 
 
 rule data:

@@ -1,12 +1,12 @@
-# Data source `manifests`: the user's own conversations in the official format (params `data`), taken in by one
-# rule: every record checked (a refused one is listed with file, line and reason), missing assistant speech tokens
-# computed by the speech tokenizer, audio paths made relative to the experiment's data folder. Nothing is
-# synthesised; the tiny world's rules (rules/world.smk) are not part of this DAG.
+# Data sources `manifests` and `text`: the user's own conversations in the official format (params `data`), or the
+# spoken text conversations (rules/text.smk), taken in by one rule: every record checked (a refused one is listed with file, line and reason), missing assistant speech tokens
+# computed by the speech tokenizer, audio paths made relative to the experiment's data folder. The tiny world's
+# rules (rules/world.smk) are not part of this DAG.
 
 
 rule manifests:
     input:
-        source=config["data"]["path"],
+        unpack(manifest_sources),
         speech_tokenizer=rules.speech_tokenizer.output[0],
     output:
         manifests=manifest_files(),
@@ -17,7 +17,7 @@ rule manifests:
         names=" ".join(manifest_names()),
         preferences=lambda wildcards: (f"--preferences {shlex.quote(config['data']['preferences'])}"
                                        if config["data"].get("preferences") else ""),
-        media=lambda wildcards: f"--media {shlex.quote(config['data']['media'])}" if config["data"].get("media") else "",
+        source=manifest_source_flags,
         root=data_root,
         out=folder_of("counts"),
     conda:
@@ -27,5 +27,5 @@ rule manifests:
     benchmark:
         f"{BENCH}/data/manifests.tsv"
     shell:
-        "fac data import-manifests --source {input.source} {params.media} --names {params.names} {params.preferences}"
+        "fac data import-manifests {params.source} --names {params.names} {params.preferences}"
         " --speech-tokenizer {input.speech_tokenizer} --data-root {params.root} --out {params.out} 2> {log}"

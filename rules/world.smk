@@ -48,25 +48,6 @@ rule tts:
         " --data-root {params.root} --out {output} 2> {log}"
 
 
-rule asr_lm:
-    input:
-        sentences=rules.world.output.sentences,
-        vocabulary=rules.world.output.vocabulary,
-    output:
-        lm=f"{DATA}/asr/lm.arpa",
-        dictionary=f"{DATA}/asr/words.dict",
-    params:
-        cfg=as_json({"lm_order": config["asr"].get("lm_order")}),  # pocketsphinx only (asr_scorer_inputs)
-        world=input_folder_of("sentences"),
-        out=folder_of("lm"),
-    conda:
-        ENV
-    log:
-        f"{LOGS}/data/asr_lm.log",
-    shell:
-        "fac data asr-lm --params {params.cfg} --world {params.world} --out {params.out} 2> {log}"
-
-
 rule asr_filter:
     input:
         unpack(asr_scorer_inputs),

@@ -113,7 +113,7 @@ def _paper(root):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda c: c.update(noise=DEFAULT["noise"]), r"noise: the tiny world's sections are read by no rule"),
+    (lambda c: c.update(noise=DEFAULT["noise"]), r"noise: the tiny world's sections and keys are read by no rule"),
     (lambda c: c.update(text_tokenizer=DEFAULT["text_tokenizer"]), r"text_tokenizer\.kind: .* no world to train it on"),
     (lambda c: c.update(speech_tokenizer=DEFAULT["speech_tokenizer"]),
      r"speech_tokenizer\.kind: .* give s3"),
