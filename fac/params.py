@@ -85,11 +85,11 @@ def validate(config: dict, origin: str = "params") -> dict:
                 msg = err.message
             lines.append(f"{origin}: {_key(err)}: {msg}")
         raise ParamsError("invalid parameters:\n  " + "\n  ".join(lines))
-    for stage in ("base_llm", "encoder", "dpo"):
+    for stage in ("base_llm", "encoder"):
         if (config.get(stage) or {}).get("packing"):
-            raise ParamsError(f"{origin}: {stage}.packing: packing is implemented for the DRSR stages (prealign, "
-                              "stage1, stage2) only")
-    for stage in ("prealign", "stage1", "stage2"):
+            raise ParamsError(f"{origin}: {stage}.packing: packing is implemented for the DRSR stages and DPO "
+                              "(prealign, stage1, stage2, dpo), not for the components trained in the tiny world")
+    for stage in ("prealign", "stage1", "stage2", "dpo"):
         if (config.get(stage) or {}).get("packing") and not config[stage].get("max_length"):
             raise ParamsError(f"{origin}: {stage}.packing: give {stage}.max_length, the length of a packed row")
     source = config["data"]["source"]

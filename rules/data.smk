@@ -51,7 +51,7 @@ rule asr_lm:
         lm=f"{DATA}/asr/lm.arpa",
         dictionary=f"{DATA}/asr/words.dict",
     params:
-        cfg=as_json({"lm_order": config["asr"].get("lm_order")}),  # pocketsphinx only (asr_scorer_inputs)
+        cfg=as_json({"lm_order": (config.get("asr") or {}).get("lm_order")}),  # pocketsphinx only (asr_scorer_inputs)
         world=input_folder_of("sentences"),
         out=folder_of("lm"),
     conda:

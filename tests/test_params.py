@@ -121,7 +121,8 @@ def _paper(root):
     (lambda c: c["stage1"].pop("data"), r"stage1\.data: name the manifests"),
     (lambda c: c["data"].pop("preferences"), r"data\.preferences: .* preference"),
     (lambda c: c["data"].pop("eval"), r"data\.eval: required key is missing"),
-    (lambda c: c["dpo"].update(packing=True), r"dpo\.packing: packing is implemented for the DRSR stages"),
+    (lambda c: c.update(base_llm={"import": "x", "packing": True}), r"base_llm\.packing: packing is implemented for"),
+    (lambda c: (c["dpo"].update(packing=True), c["dpo"].pop("max_length")), r"dpo\.packing: give dpo\.max_length"),
     (lambda c: c["stage2"].pop("max_length"), r"stage2\.packing: give stage2\.max_length"),
 ])
 def test_the_manifests_source_refuses_what_no_rule_would_read_or_could_build(root, change, message):

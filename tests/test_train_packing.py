@@ -107,3 +107,28 @@ def test_packed_batch_gives_the_unpacked_loss_and_gradients(attn):
     assert (out_c.text_loss - out_u.text_loss).abs() > 1e-4
     assert (out_c.speech_loss - out_u.speech_loss).abs() > 1e-4
     assert max(float((grads_c[n] - g).abs().max()) for n, g in grads_u.items()) > 1e-2
+
+
+def test_packed_dpo_sides_give_each_conversations_own_sequence_logprob():
+    """DPO with packing: every side's summed log-prob (text and speech targets) from a packed batch equals the one
+    from its own row, so the DPO loss and its gradients are those of the unpacked batch."""
+    from fac.train.dpo import sequence_logps
+    from fac.train.packing import pack
+
+    model = tiny_model("sdpa")
+    ids, examples = conversations(model.config)
+    unpacked = sequence_logps(model, collate(examples, ids))
+    batch, segments = pack(examples, ids, max_length=64)
+    assert segments.shape == (len(examples), 3) and len(set(segments[:, 0].tolist())) < len(examples)  # rows shared
+    batch["segments"] = segments
+    packed = sequence_logps(model, batch)
+    assert torch.allclose(packed, unpacked, atol=1e-4), (packed, unpacked)
+    assert (unpacked < 0).all()
+    unpacked.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    batch, batch["segments"] = pack(examples, ids, max_length=64)
+    sequence_logps(model, batch).sum().backward()
+    for name, p in model.named_parameters():
+        if name in grads:
+            assert torch.allclose(p.grad, grads[name], atol=1e-4), name

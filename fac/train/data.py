@@ -20,7 +20,7 @@ from fac.data.manifests import read_manifest
 from fac.data.text_tokenizer import SYSTEM_PROMPTS
 from fac.model.processing import (IGNORE_INDEX, SPEECH_DELAY, SPEECH_TOKENS_PER_SECOND, AssistantTurn, Example,
                                    SpecialIds, UserTurn, build_conversation, build_prompt, collate, log_mel)
-from fac.train.packing import collate_packed, pack_groups
+from fac.train.packing import pack
 from fac.train.trainer import EpochOrder, step_rng
 
 log = logging.getLogger("fac.train")
@@ -278,8 +278,7 @@ class SpokenData:
         max_length positions (fac.train.packing: same loss and gradients, less padding)."""
         if not self.packing:
             return collate(examples, self.special)
-        groups = pack_groups([len(e.input_ids) for e in examples], self.max_length)
-        return collate_packed([[examples[i] for i in group] for group in groups], self.special)
+        return pack(examples, self.special, self.max_length)[0]
 
     def prompt(self, rec: SpokenRecord, system: str | None = None) -> dict:
         """Inference inputs for one record up to its last reply (the official processor's layout for a single

@@ -61,21 +61,34 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
 
 def sequence_logps(model, batch: dict) -> torch.Tensor:
-    """Summed log-probs [B] of every scored target of each row: reply text tokens and speech codes."""
+    """Summed log-probs of every scored target of each conversation: reply text tokens and speech codes. One per
+    row [B], or with a packed batch (PairData with `packing`: its `segments`, [N, 3] row, start, end) one per
+    conversation [N] in the order of the segments."""
+    segments = batch.pop("segments", None)
     out = model(**batch)
     # Under the deepspeed backend `model` is the engine, whose own `config` is DeepSpeed's: read the model's.
     g = getattr(model, "module", model).config.audio_config.group_size
     text_labels = out.text_labels[:, 1:]
     text_logits = out.text_logits[:, :-1].float()
     mask = text_labels != IGNORE_INDEX
-    text = torch.gather(text_logits.log_softmax(-1), 2, text_labels.clamp(min=0)[..., None])[..., 0]
-    total = (text * mask).sum(-1)
+    text = torch.gather(text_logits.log_softmax(-1), 2, text_labels.clamp(min=0)[..., None])[..., 0] * mask
+    speech = None
     if out.speech_logits is not None and out.speech_labels is not None:
         targets = F.pad(out.speech_labels[:, g:], (0, g), value=IGNORE_INDEX)  # sub-frame q predicts label q+G
         smask = targets != IGNORE_INDEX
         speech = torch.gather(out.speech_logits.float().log_softmax(-1), 2, targets.clamp(min=0)[..., None])[..., 0]
-        total = total + (speech * smask).sum(-1)
-    return total
+        speech = speech * smask
+    if segments is None:
+        return text.sum(-1) + (speech.sum(-1) if speech is not None else 0)
+    # Position t scores the label at t + 1 (sub-frame q the label at q + G): a conversation's targets are scored
+    # from its own positions; the label at the next conversation's first position is its prompt, never a target.
+    totals = []
+    for row, start, end in segments.tolist():
+        total = text[row, start:end].sum()
+        if speech is not None:
+            total = total + speech[row, start * g:end * g].sum()
+        totals.append(total)
+    return torch.stack(totals)
 
 
 # ----------------------------------------------------------------------------------------------- pairs
@@ -241,7 +254,10 @@ class PairData:
     """Chosen/rejected examples of each pair, batched as [chosen..., rejected...] with the reference log-probs."""
 
     def __init__(self, pairs: list[dict], features: FeatureCache, tokenizer, special: SpecialIds, group_size: int,
-                 dimensions: dict[str, float], max_length: int | None = None):
+                 dimensions: dict[str, float], max_length: int | None = None, packing: bool = False):
+        if packing and not max_length:
+            raise ValueError("dpo packing: give max_length, the length of a packed row")
+        self.packing, self.max_length = packing, max_length
         self.pairs = [p for p in pairs if dimensions.get(p["dimension"], 1.0) > 0]
         if not self.pairs:
             raise ValueError(f"every dimension with pairs has weight 0 (weights {dimensions})")
@@ -272,7 +288,12 @@ class PairData:
     def batch_of(self, indices: list[int]) -> dict:
         examples = [self.example(self.pairs[i], "chosen") for i in indices]
         examples += [self.example(self.pairs[i], "rejected") for i in indices]
-        batch = collate(examples, self.special)
+        if not self.packing:
+            batch = collate(examples, self.special)
+        else:  # chosen and rejected sides packed into max_length rows; `segments` say where each one lies
+            from fac.train.packing import pack
+
+            batch, batch["segments"] = pack(examples, self.special, self.max_length)
         batch["pair_index"] = torch.tensor(indices)
         return batch
 
@@ -312,7 +333,7 @@ def train_dpo(stage: dict, model_dir: str, pairs_path: str, data_root: str, out_
     if unknown:
         raise ValueError(f"dpo.dimension_weights: unknown dimension(s) {sorted(unknown)}; expected {PAIR_DIMENSIONS}")
     data = PairData(read_pairs(pairs_path), features, tokenizer, special, model.config.audio_config.group_size,
-                    weights, stage.get("max_length"))
+                    weights, stage.get("max_length"), bool(stage.get("packing")))
     beta = float(stage.get("beta", 0.1))
     if epoch_mode(stage):
         data.order = EpochOrder(len(data.pairs), int(stage.get("seed", 0)))

@@ -84,3 +84,18 @@ def collate_packed(groups: list[list[Example]], special_ids: SpecialIds, feature
             start = end
     batch.update(input_ids=input_ids, attention_mask=None, labels=labels, position_ids=position_ids)
     return batch
+
+
+def pack(examples: list[Example], special_ids: SpecialIds, max_length: int) -> tuple[dict, torch.Tensor]:
+    """`examples` packed into rows of at most `max_length` positions (`pack_groups`, `collate_packed`), and where
+    each one lies: segments [N, 3] (row, start, end) in the order of `examples` (to score each conversation on its
+    own, e.g. DPO's sequence log-probs)."""
+    groups = pack_groups([len(e.input_ids) for e in examples], max_length)
+    batch = collate_packed([[examples[i] for i in group] for group in groups], special_ids)
+    where = {}
+    for row, group in enumerate(groups):
+        start = 0
+        for i in group:
+            where[i] = (row, start, start + len(examples[i].input_ids))
+            start += len(examples[i].input_ids)
+    return batch, torch.tensor([where[i] for i in range(len(examples))], dtype=torch.long)
