@@ -216,3 +216,46 @@ def official_dataset(folder: str | Path, codebook: int = 6561, seed: int = 0) ->
         (manifests / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     return {"folder": folder, "refused": [("sft.jsonl", refused_at + k) for k in range(3)],
             "kept": {"prealign": 8, "sft": 9, "eval": 4, "preferences": 4}}
+
+
+def s3_tokenizer_onnx(path: str | Path, state_dict_file: str | Path) -> Path:
+    """The S3 tokenizer of `state_dict_file` (see `s3_tokenizer_file`) as an ONNX file laid out as the official
+    `speech_tokenizer_v3.onnx` export, as far as the `s3tokenizer` package's converter (`onnx2torch_v3`) reads it:
+    its weights as initializers, consumed by nodes named as the export names them (`/conv1/Conv`,
+    `/blocks.N/attn/query/MatMul` with the transposed weight, `/blocks.N/attn_ln/Add`, ...), the FSMN kernels and the
+    quantizer's bias as named initializers. Only the weights matter to the converter: the graph is not runnable."""
+    import onnx
+    import torch
+    from onnx import helper, numpy_helper
+
+    state = torch.load(state_dict_file, map_location="cpu", weights_only=True)
+    initializers, nodes = [], []
+
+    def tensor(name: str, value) -> str:
+        initializers.append(numpy_helper.from_array(value.detach().numpy().copy(), name))
+        return name
+
+    def node(op: str, name: str, *weights: str) -> None:
+        nodes.append(helper.make_node(op, ["x", *weights], [f"{name}_out"], name=name))
+
+    for conv in ("conv1", "conv2"):
+        node("Conv", f"/{conv}/Conv", tensor(f"{conv}.w", state[f"encoder.{conv}.weight"]),
+             tensor(f"{conv}.b", state[f"encoder.{conv}.bias"]))
+    blocks = sorted({int(key.split(".")[2]) for key in state if key.startswith("encoder.blocks.")})
+    for i in blocks:
+        p = f"encoder.blocks.{i}"
+        for ln in ("attn_ln", "mlp_ln"):
+            node("Mul", f"/blocks.{i}/{ln}/Mul", tensor(f"b{i}.{ln}.w", state[f"{p}.{ln}.weight"]))
+            node("Add", f"/blocks.{i}/{ln}/Add", tensor(f"b{i}.{ln}.b", state[f"{p}.{ln}.bias"]))
+        for layer in ("attn/query", "attn/key", "attn/value", "attn/out", "mlp/mlp.0", "mlp/mlp.2"):
+            key = f"{p}.{layer.replace('/', '.').replace('mlp.mlp.', 'mlp.')}"
+            node("MatMul", f"/blocks.{i}/{layer}/MatMul", tensor(f"b{i}.{layer}.w", state[f"{key}.weight"].t()))
+            if f"{key}.bias" in state:
+                node("Add", f"/blocks.{i}/{layer}/Add", tensor(f"b{i}.{layer}.b", state[f"{key}.bias"]))
+        tensor(f"blocks.{i}.attn.fsmn_block.weight", state[f"{p}.attn.fsmn_block.weight"])
+    tensor("quantizer.project_in.bias", state["quantizer._codebook.project_down.bias"])
+    node("MatMul", "/quantizer/project_in/MatMul", tensor("quantizer.w", state["quantizer._codebook.project_down.weight"].t()))
+    graph = helper.make_graph(nodes, "speech_tokenizer_v3", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                           None)], [], initializers)
+    onnx.save(helper.make_model(graph), str(path))
+    return Path(path)

@@ -155,6 +155,22 @@ def test_s3_tokenizer_from_a_state_dict_codes_25_per_second_and_survives_save_an
     assert json.loads((tmp_path / "folder/config.json").read_text())["codebook_size"] == 6561
 
 
+def test_s3_tokenizer_from_the_official_onnx_layout_gives_the_state_dicts_codes(tmp_path):
+    """speech_tokenizer.path `*.onnx`: the s3tokenizer package converts the export (onnx2torch_v3); an ONNX file laid
+    out as the official one, holding a state dict's weights, gives exactly that state dict's codes."""
+    from fac.data.speech_tokenizer import S3SpeechTokenizer
+    from standins import s3_tokenizer_file, s3_tokenizer_onnx
+
+    pt = s3_tokenizer_file(tmp_path / "speech_tokenizer_v3.pt", width=64, layers=2)
+    onnx_file = s3_tokenizer_onnx(tmp_path / "speech_tokenizer_v3.onnx", pt)
+    from_onnx, from_pt = S3SpeechTokenizer.from_file(onnx_file), S3SpeechTokenizer.from_file(pt)
+    assert from_onnx.dims == from_pt.dims and from_onnx.codebook_size == 6561
+    theirs, ours = from_pt.model.state_dict(), from_onnx.model.state_dict()
+    assert all(torch.equal(theirs[k], ours[k]) for k in theirs if not k.endswith("freqs_cis"))
+    samples = 0.1 * np.random.default_rng(1).standard_normal(2 * 16000).astype(np.float32)
+    assert from_onnx.encode(samples) == from_pt.encode(samples)
+
+
 def test_s3_tokenizer_file_errors_name_the_file(tmp_path):
     from fac.data.speech_tokenizer import S3SpeechTokenizer
 

@@ -1,7 +1,7 @@
 """The paper recipe rehearsed end to end: params/paper.yaml as it stands, plus an overlay that changes only sizes,
 counts, paths and `gpus: 0`, over tiny random stand-ins in the real formats (a Qwen3 folder with Qwen's vocabulary
-size and special ids and no audio tokens, a Whisper folder with 128 mel bins, an S3 tokenizer file, data in the
-official SFT format). Every rule of the DAG runs, the DeepSpeed stages as two CPU processes under gloo."""
+size and special ids and no audio tokens, a Whisper folder with 128 mel bins, an S3 tokenizer in the official ONNX
+layout, data in the official SFT format). Every rule of the DAG runs, the DeepSpeed stages as two CPU processes under gloo."""
 import json
 import re
 import subprocess
@@ -10,7 +10,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from standins import official_dataset, qwen3_llm, qwen_tokenizer, released_checkpoint, s3_tokenizer_file, whisper_asr
+from standins import (official_dataset, qwen3_llm, qwen_tokenizer, released_checkpoint, s3_tokenizer_file,
+                      s3_tokenizer_onnx, whisper_asr)
 from workflow_helpers import BIN, ROOT, env
 
 PAPER = yaml.safe_load((ROOT / "params/paper.yaml").read_text())
@@ -52,7 +53,8 @@ def rehearsal(tmp_path_factory):
     qwen_tokenizer(qwen)
     qwen3_llm(qwen, hidden_size=32, layers=1)
     whisper = whisper_asr(root / "models/whisper-large-v3")
-    s3 = s3_tokenizer_file(root / "models/speech_tokenizer_v3.pt")
+    # The S3 tokenizer as paper.yaml names it: speech_tokenizer_v3.onnx, in the official export's layout.
+    s3 = s3_tokenizer_onnx(root / "models/speech_tokenizer_v3.onnx", s3_tokenizer_file(root / "s3_weights.pt"))
     data = official_dataset(root / "data/paper")
     overlay = {
         "experiment": "rehearsal",

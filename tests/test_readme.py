@@ -95,7 +95,7 @@ SKIP = {
     "make data": "the default world's data half (minutes); the micro world runs the same rules (micro_run)",
     "make ablations": "every ablation (about 2 hours); test_ablations_target_plans_every_alpha_and_dimension plans them",
     'make reproduce ARGS="--configfile params/default.yaml params/overlays/k1.yaml"':
-        "a whole grouping experiment; test_grouping_ablation_overlay_runs_the_whole_recipe runs k1 on the micro world",
+        "a whole grouping experiment; test_grouping_ablation_overlay_trains_the_recipe_at_that_k trains k1 to DPO on the micro world",
     ".venv/bin/dvc pull": "rewrites this repository's data/ from its remote",
     ".venv/bin/dvc add data && git add data.dvc": "records a new version of data/ in this repository",
     ".venv/bin/dvc remote add -d shared /mnt/storage/fac-dvc": "edits this repository's DVC config; the path is an example",

@@ -268,23 +268,24 @@ def test_alpha_ablation_ends_at_the_merge_inputs_and_dpo_per_dimension_runs(micr
 
 
 @pytest.mark.parametrize("k", [1, 6])
-def test_grouping_ablation_overlay_runs_the_whole_recipe(k, tmp_path):
+def test_grouping_ablation_overlay_trains_the_recipe_at_that_k(k, tmp_path):
     """params/overlays/k{1,4,6}.yaml: the recipe as its own experiment at another grouping factor. k = 1 (a 25 Hz
-    backbone, no grouping) runs to the report; k = 6 (a k that does not divide 25 Hz) runs every rule that lays
-    audio out by k (base LLM slots, encoder CTC, init, pre-alignment) and plans the rest."""
+    backbone, no grouping) trains every stage to DPO and evaluates the DPO model; k = 6 (a k that does not divide
+    25 Hz) runs every rule that lays audio out by k (base LLM slots, encoder CTC, init, pre-alignment). Both plan
+    the rest (the other stages' evaluation, the metrics and the report: the micro run at k = 5 runs those)."""
     micro_k = tmp_path / "micro_k.yaml"
     micro_k.write_text(f"experiment: micro_k{k}\nmodel:\n  speech: {{group_size: {k}}}\n")
     overlays = ("tests/configs/micro.yaml", str(micro_k))
     results = tmp_path / f"results/micro_k{k}"
     if k == 1:
-        snakemake(tmp_path, overlays=overlays)
-        metrics = json.loads((results / "metrics.json").read_text())
-        assert set(metrics) == {"base_llm", "init", "prealign", "stage1", "merged", "stage2", "dpo", "encoder"}
+        snakemake(tmp_path, f"results/micro_k{k}/eval/dpo.json", overlays=overlays)
+        metrics = json.loads((results / "eval/dpo.json").read_text())
+        assert {"spoken_qa_acc", "text_qa_acc", "speech_token_acc", "instruction_acc"} <= set(metrics)
         last = "dpo"
     else:
         snakemake(tmp_path, f"results/micro_k{k}/checkpoints/prealign", overlays=overlays)
-        assert set(planned_jobs(snakemake(tmp_path, "-n", overlays=overlays))) >= {"train_drsr", "merge", "dpo", "report"}
         last = "prealign"
+    assert set(planned_jobs(snakemake(tmp_path, "-n", overlays=overlays))) >= {"evaluate", "metrics", "report"}
     config = json.loads((results / f"checkpoints/{last}/config.json").read_text())
     assert config["audio_config"]["group_size"] == k
 
