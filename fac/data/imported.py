@@ -151,9 +151,8 @@ def record_turns(record: dict, resolve=lambda path, index: path, preference: boo
 
 def _side(message: dict, entries: list[dict], at: int, resolve) -> tuple[tuple[dict], int]:
     """One assistant message of a preference record (chosen or rejected), parsed like an assistant turn."""
-    turns, at = _parse_turns([{"role": "user", "content": "x"}, {"role": "assistant", "content": message["content"]}],
-                             entries, at, resolve)
-    return (turns[1],), at
+    turns, at = _parse_turns([{"role": "assistant", "content": message["content"]}], entries, at, resolve)
+    return (turns[0],), at
 
 
 def to_record(parsed: dict, meta: dict) -> dict:

@@ -38,6 +38,21 @@ def first_word(tokenizer, ids: list[int]) -> str:
 
 
 @torch.no_grad()
+def text_answers(llm, tokenizer, questions: list[str], max_new_tokens: int) -> list[list[int]]:
+    """Greedy replies (token ids) of a causal LM to text questions in the chat template, one batch (left-padded)."""
+    prompts = [chat_ids(tokenizer, SYSTEM_PROMPTS["s2t"], q, None)[0] for q in questions]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding for batched generation
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    out = llm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return out[:, width:].tolist()
+
+
+@torch.no_grad()
 def text_qa_accuracy(llm, tokenizer, world_dir: str | Path, batch_size: int = 64) -> float:
     """Greedy answers of a causal LM to every fact's text question; correct when the first word is the value."""
     qa = [json.loads(line) for line in (Path(world_dir) / "text_qa.jsonl").read_text().splitlines() if line]
@@ -45,16 +60,7 @@ def text_qa_accuracy(llm, tokenizer, world_dir: str | Path, batch_size: int = 64
     correct = 0
     for start in range(0, len(qa), batch_size):
         chunk = qa[start:start + batch_size]
-        prompts = [chat_ids(tokenizer, SYSTEM_PROMPTS["s2t"], p["question"], None)[0] for p in chunk]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding for batched generation
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        out = llm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        for pair, row in zip(chunk, out[:, width:].tolist()):
+        for pair, row in zip(chunk, text_answers(llm, tokenizer, [p["question"] for p in chunk], 3)):
             correct += first_word(tokenizer, row) == pair["answer"]
     return correct / len(qa)
 
@@ -212,17 +218,8 @@ def text_answer_match(llm, tokenizer, data: SpokenData, name: str, batch_size: i
     correct = 0
     for start in range(0, len(asked), batch_size):
         chunk = asked[start:start + batch_size]
-        prompts = [chat_ids(tokenizer, SYSTEM_PROMPTS["s2t"], q, None)[0] for q, _ in chunk]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding for batched generation
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
         budget = max(len(encode_text(tokenizer, rec.text)) for _, rec in chunk) + 8
-        out = llm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=budget, do_sample=False,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        for (_, rec), row in zip(chunk, out[:, width:].tolist()):
+        for (_, rec), row in zip(chunk, text_answers(llm, tokenizer, [q for q, _ in chunk], budget)):
             correct += answer_matches(rec.text, tokenizer.decode(row, skip_special_tokens=True))
     return correct / len(asked)
 
