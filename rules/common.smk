@@ -24,7 +24,8 @@ RESULTS = f"{RESULTS_ROOT}/{EXP}"
 
 
 # The data source (params `data.source`): `world` builds the tiny world inside the DAG (rules/world.smk),
-# `manifests` takes in the user's own data (rules/imported.smk); every rule after the manifests is shared.
+# `manifests` takes in the user's own data (rules/imported.smk), `text` speaks the user's text conversations first
+# (rules/text.smk); every rule after the manifests is shared.
 WORLD = config["data"]["source"] == "world"
 TEXT = config["data"]["source"] == "text"
 
@@ -158,7 +159,8 @@ def eval_data_flags(wildcards, input):
 
 
 def preference_pairs(wildcards):
-    """DPO's pairs: built from the stage-2 model's own answers (world), or the user's preference file (manifests)."""
+    """DPO's pairs: built from the stage-2 model's own answers (world), or the user's preference file (manifests,
+    text)."""
     return f"{RESULTS}/data/preferences.jsonl" if WORLD else PREFERENCE_PAIRS
 
 
@@ -202,7 +204,7 @@ def speak_params(wildcards):
 
 
 def asr_scorer_inputs(wildcards):
-    """pocketsphinx scores with the world's LM and dictionary; Whisper with its model folder."""
+    """pocketsphinx scores with the LM and dictionary of the text it hears (rule asr_lm); Whisper with its model."""
     if config["asr"]["engine"] == "pocketsphinx":
         return {"lm": rules.asr_lm.output.lm, "dictionary": rules.asr_lm.output.dictionary}
     return {"model": config["asr"]["model"]}
