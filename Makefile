@@ -6,14 +6,14 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fac-installed
-PROFILE ?= workflow/profiles/default
+PROFILE ?= workflow/profiles/local
 ARGS ?=
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE := offline
 export PYTHONUNBUFFERED := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup system reproduce ablations data test lint clean-results
+.PHONY: setup system reproduce ablations data test lint slurm clean-results
 
 setup: system $(STAMP)
 
@@ -60,6 +60,11 @@ data: setup data/world/lexicon.yaml
 
 test: setup data/world/lexicon.yaml
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# A one-node SLURM cluster on this machine (root: installs Debian's slurm and mariadb packages) to try the slurm
+# profile; tests/test_slurm.py starts it itself.
+slurm:
+	workflow/cluster/local-slurm.sh up
 
 lint: setup
 	$(BIN)/snakemake --lint

@@ -1,7 +1,7 @@
 """What parsing the workflow costs: wall time and peak memory of `snakemake -n` on the default experiment.
 
 Run from the repository root after `make setup`:  .venv/bin/python bench/bench_dry_run.py [--runs 5]
-Each run is a fresh `snakemake --profile workflow/profiles/default -n` process; the figures are its wall time
+Each run is a fresh `snakemake --profile workflow/profiles/local -n` process; the figures are its wall time
 and its own peak resident memory (from wait4, children such as espeak-ng not included), median over the runs.
 Target (issue 18): at most 2 s and 300 MB.
 """
@@ -23,7 +23,7 @@ TARGET_SECONDS, TARGET_MB = 2.0, 300.0
 def one_run(snakemake: Path) -> tuple[float, float]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
     start = time.perf_counter()
-    proc = subprocess.Popen([str(snakemake), "--profile", "workflow/profiles/default", "-n", "--quiet"],
+    proc = subprocess.Popen([str(snakemake), "--profile", "workflow/profiles/local", "-n", "--quiet"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start

@@ -3,9 +3,10 @@
 1. Conformance on the GPU: the fixture in tests/data/conformance/ (the official model's outputs, computed on
    CPU in fp32) must be reproduced on CUDA in fp32 within the fixture's tolerance, and greedy generation must
    give the same tokens.
-2. Training on the GPU: the Trainer's torch backend moves the model and every batch to CUDA; 40 steps on the
-   fixture's training batch in bf16 autocast must lower the loss; a killed-and-resumed run (resume point at
-   step 20, optimizer state loaded onto the GPU) must end with the same loss as an uninterrupted one.
+2. Training on the GPU: the Trainer's torch backend, for a stage with gpus: 1, moves the model and every batch to
+   CUDA; 40 steps on the fixture's training batch in bf16 autocast must lower the loss; a killed-and-resumed run
+   (resume point at step 20, optimizer state loaded onto the GPU) must end with the same loss as an
+   uninterrupted one.
 
     python bench/gpu_check.py        # prints one line per check and exits non-zero on a failure
 """
@@ -69,7 +70,7 @@ def training() -> list[str]:
         torch.manual_seed(0)
         model = FunAudioChatForConditionalGeneration.from_pretrained(FIXTURE)
         cfg = StageConfig(steps=steps, lr=1e-3, min_lr=1e-4, warmup_ratio=0.1, batch_size=1, save_every=10,
-                          precision="bf16", seed=1)
+                          precision="bf16", gpus=1, seed=1)
         trainer = Trainer(model, cfg, lambda m, b: (m(**b).loss, {}), lambda step: batch, state_dir, "gpu_check")
         if stop_at is not None:  # a "kill" after the resume point at stop_at: train that far, then stop
             trainer.cfg = StageConfig(**{**cfg.__dict__, "steps": stop_at})

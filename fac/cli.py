@@ -101,6 +101,37 @@ def _run_info(args) -> dict:
     return {"experiment": args.experiment, "wandb_dir": args.wandb_dir}
 
 
+# `fac train` stages that train (the one Trainer; a deepspeed stage may run in several processes under torchrun).
+# `init` and `preferences` train nothing: one process each.
+TRAINING_STAGES = ("base-llm", "encoder", "prealign", "stage1", "stage2", "dpo")
+
+
+def _one_process_placement(what: str, gpus: int, precision: str):
+    """fac.devices.resolve for a job of one process (evaluation, preferences): on CPU, or on one GPU."""
+    from fac.devices import resolve
+
+    if gpus > 1:
+        raise ValueError(f"{what}: runs in one process on at most one GPU; got --gpus {gpus}")
+    return resolve(what, gpus, precision)
+
+
+def _train_placement(args):
+    """Check, before anything heavy is loaded, that this machine can give the stage what its params ask for
+    (fac.devices.resolve): a job without the GPUs it asked for fails in seconds with one line. A training stage's
+    gpus and precision are its params'; `preferences` takes --gpus and --precision. Returns the placement of
+    `preferences` (None for the other stages)."""
+    if args.stage != "preferences" and (args.gpus is not None or args.precision is not None):
+        raise ValueError(f"--gpus and --precision are for `fac train preferences`; stage {args.stage} takes gpus "
+                         "and precision from its params")
+    if args.stage == "preferences":
+        return _one_process_placement("preferences", args.gpus or 0, args.precision or "fp32")
+    if args.stage in TRAINING_STAGES:
+        from fac.train.distributed import process_count
+
+        process_count(args.params.get("stage") or {}, f"stage {args.stage.replace('-', '_')}")
+    return None
+
+
 def _train(args) -> None:
     from fac.train import stages
     from fac.train.distributed import threads_per_process
@@ -118,7 +149,8 @@ def _train(args) -> None:
         from fac.train.dpo import build_preferences
 
         summary = build_preferences(args.model, args.manifests, args.data_root, args.world, args.out,
-                                    seed=p.get("seed", 0), max_per_dimension=p["stage"].get("max_pairs_per_dimension"))
+                                    seed=p.get("seed", 0), max_per_dimension=p["stage"].get("max_pairs_per_dimension"),
+                                    placement=getattr(args, "placement", None) or _train_placement(args))
     elif args.stage == "dpo":
         from fac.train.dpo import train_dpo
 
@@ -146,13 +178,15 @@ def _merge(args) -> None:
 
 
 def _eval(args) -> None:
+    # Before anything heavy: a job without the GPU it asked for fails in seconds with one line.
+    placement = _one_process_placement(f"evaluation of {args.stage}", args.gpus, args.precision)
     from fac.data.steps import write_json
     from fac.eval.metrics import evaluate
 
     _threads(args)
     if not args.world and not args.sets:
         raise SystemExit("fac eval: give --world (source world) or --sets (source manifests)")
-    metrics = evaluate(args.stage, args.model, args.world, args.manifests, args.data_root, args.sets)
+    metrics = evaluate(args.stage, args.model, args.world, args.manifests, args.data_root, args.sets, placement)
     write_json(metrics, args.out)
     print(json.dumps(metrics))
 
@@ -239,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--experiment", default="default")
     train.add_argument("--wandb-dir")
     train.add_argument("--threads", type=int)
+    train.add_argument("--gpus", type=int, help="preferences only: 0 (default) generate on CPU, 1 on the first "
+                                                "visible GPU; training stages take gpus from their params")
+    train.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                       help="preferences only: fp32 (default), or bf16/fp16 autocast on GPU")
     train.set_defaults(func=_train)
 
     merge = sub.add_parser("merge", help="M = alpha * OTHER + (1 - alpha) * BASE (Core-Cocktail merge)")
@@ -255,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--world", help="the world's folder (source world: its text QA and named test sets)")
     ev.add_argument("--sets", nargs="+", help="source manifests: the evaluation manifests (params data.eval)")
     ev.add_argument("--threads", type=int)
+    ev.add_argument("--gpus", type=int, default=0, help="0 (default): evaluate on CPU; 1: on the first visible GPU")
+    ev.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                    help="fp32 (default), or bf16/fp16 autocast on GPU")
     ev.set_defaults(func=_eval)
 
     met = sub.add_parser("metrics", help="collect per-stage metrics into metrics.json and a table")
@@ -340,10 +381,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TQDM_MININTERVAL", "5")
     try:
         if args.command == "train":
-            from fac.train.distributed import relaunch
+            args.placement = _train_placement(args)  # in every process: here, and in each torchrun worker
+            if args.stage in TRAINING_STAGES:
+                from fac.train.distributed import relaunch
 
-            # A deepspeed stage in several processes: this process becomes torchrun running this command again.
-            relaunch(args.params.get("stage") or {}, sys.argv[1:] if argv is None else list(argv), args.threads)
+                # A deepspeed stage in several processes: this process becomes torchrun running this command again.
+                relaunch(args.params.get("stage") or {}, sys.argv[1:] if argv is None else list(argv), args.threads,
+                         f"stage {args.stage.replace('-', '_')}")
         args.func(args)
     except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as err:
         # Known bad input: one clear line naming the file or value, no traceback.

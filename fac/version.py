@@ -97,5 +97,5 @@ def restore(repo: str | Path, experiment: str, remote: str | None = None, snakem
     if not pointer.is_file():
         raise FileNotFoundError(f"{pointer}: this revision has no saved experiment {experiment!r}")
     _run([_tool("dvc"), "pull", *(["-r", remote] if remote else []), str(pointer.relative_to(repo))], repo)
-    args = snakemake_args or ["--profile", "workflow/profiles/default"]
+    args = snakemake_args or ["--profile", "workflow/profiles/local"]
     _run([_tool("snakemake"), "--touch", *args], repo)

@@ -17,6 +17,8 @@ rule ablation_merge:
         alpha="[0-9.]+",
     conda:
         ENV
+    resources:
+        **group_resources("models"),
     log:
         f"{LOGS}/ablations/merge_alpha{{alpha}}.log",
     shell:
@@ -32,11 +34,13 @@ rule ablation_stage2:
     wildcard_constraints:
         alpha="[0-9.]+",
     params:
-        cfg=as_json({"stage": config["stage2"]}),
+        cfg=as_json({"stage": stage_slice("stage2")}),
         manifests=input_folder_of("manifests"),
         root=data_root,
         run=run_flags,
-    threads: config["threads"]
+    threads: stage_threads("stage2")
+    resources:
+        **stage_resources("stage2"),
     conda:
         ENV
     log:
@@ -61,7 +65,9 @@ rule ablation_dpo:
         cfg=dpo_one_dimension,
         root=data_root,
         run=run_flags,
-    threads: config["threads"]
+    threads: stage_threads("dpo")
+    resources:
+        **stage_resources("dpo"),
     conda:
         ENV
     log:
@@ -85,14 +91,17 @@ rule ablation_eval:
     params:
         data=eval_data_flags,
         root=data_root,
-    threads: config["threads"]
+        placement=lambda wildcards: eval_placement(wildcards.stage),
+    threads: group_threads("eval")
+    resources:
+        **group_resources("eval"),
     conda:
         ENV
     log:
         f"{LOGS}/ablations/eval_{{variant}}_{{stage}}.log",
     shell:
         "fac eval --stage {wildcards.variant}/{wildcards.stage} --model {input.model} {params.data}"
-        " --data-root {params.root} --out {output} --threads {threads} 2> {log}"
+        " --data-root {params.root} --out {output} {params.placement} --threads {threads} 2> {log}"
 
 
 rule ablations:
@@ -103,6 +112,8 @@ rule ablations:
         table=f"{RESULTS}/ablations.md",
     params:
         inputs=ablation_inputs,
+    resources:
+        **group_resources("default"),
     conda:
         ENV
     log:

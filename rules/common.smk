@@ -93,6 +93,70 @@ def as_json(section):
     return shlex.quote(re.sub(r"\{(?=[^\"}])", r"\\u007b", json.dumps(section, sort_keys=True)))
 
 
+# What each job asks the scheduler for: Snakemake `resources:` and `threads:` from params (the local profile fits
+# them into --cores; the SLURM profile turns them into sbatch requests: gpu -> --gpus, gpu_model -> --gpus=MODEL:N,
+# mem_mb -> --mem, runtime -> -t, threads -> --cpus-per-task). Training stages ask in their own slice (`gpus` and
+# `resources`), evaluation and preference building in `resources.eval`, data rules in `resources.data`, the jobs
+# that hold whole models (init, merge) in `resources.models`, the rest (metrics, report) in `resources.default`.
+# A resource change never reruns a job: the slices handed to `fac` leave `resources` out.
+JOB_DEFAULTS = {"mem_mb": 2000, "runtime": 60}
+
+
+def group_resources(group):
+    """Resources of the rules of one group (data, eval, models, default): mem_mb and runtime, and for eval its GPUs
+    (and their model, when it asks for any)."""
+    section = {**JOB_DEFAULTS, **((config.get("resources") or {}).get(group) or {})}
+    out = {"mem_mb": int(section["mem_mb"]), "runtime": int(section["runtime"])}
+    if group == "eval":
+        out["gpu"] = int(section.get("gpus", 0))
+        if out["gpu"] and section.get("gpu_model"):
+            out["gpu_model"] = section["gpu_model"]
+    return out
+
+
+def group_threads(group):
+    """The cores of an evaluation job (`resources.eval.cpus`, else `threads`)."""
+    return int(((config.get("resources") or {}).get(group) or {}).get("cpus", config["threads"]))
+
+
+def stage_slice(name):
+    """A training stage's params as `fac train` reads them: everything but the scheduler's `resources`."""
+    return {k: v for k, v in config[name].items() if k != "resources"}
+
+
+def stage_resources(name):
+    """A training stage's request: its `gpus`, and mem_mb, runtime and (with GPUs) gpu_model from its `resources`."""
+    section = {**JOB_DEFAULTS, **(config[name].get("resources") or {})}
+    out = {"gpu": int(config[name].get("gpus", 0)), "mem_mb": int(section["mem_mb"]),
+           "runtime": int(section["runtime"])}
+    if out["gpu"] and section.get("gpu_model"):
+        out["gpu_model"] = section["gpu_model"]
+    return out
+
+
+def stage_threads(name):
+    """A training stage's cores (`resources.cpus`, else `threads`): torch threads, shared by its processes."""
+    return int((config[name].get("resources") or {}).get("cpus", config["threads"]))
+
+
+def drsr_resource(key):
+    """One resource of rule train_drsr, whose stage is a wildcard."""
+    return lambda wildcards: stage_resources(wildcards.stage).get(key, "")
+
+
+# The precision a checkpoint is evaluated in (on a GPU): the stage that trained it; the assembled and the merged
+# models are evaluated like the stage that trains from them.
+EVAL_PRECISION_OF = {"base_llm": "base_llm", "init": "prealign", "prealign": "prealign", "stage1": "stage1",
+                     "merged": "stage2", "stage2": "stage2", "dpo": "dpo"}
+
+
+def eval_placement(stage):
+    """`--gpus N --precision P` of an evaluation (or preference building) job: its GPUs from `resources.eval`, the
+    precision of the stage that trained the checkpoint (fac.devices: bf16 without a GPU is an error)."""
+    precision = config[EVAL_PRECISION_OF[stage]].get("precision", "fp32")
+    return f"--gpus {group_resources('eval')['gpu']} --precision {precision}"
+
+
 def folder_of(key):
     """A params function: the folder holding output `key` (derived from the output, not hard-coded)."""
 
@@ -306,7 +370,7 @@ def drsr_input_of(wildcards):
 
 
 def drsr_params(wildcards):
-    return as_json({"stage": config[wildcards.stage]})
+    return as_json({"stage": stage_slice(wildcards.stage)})
 
 
 def checkpoint_of_stage(wildcards):
@@ -372,4 +436,4 @@ def ablation_inputs(wildcards, input):
 def dpo_one_dimension(wildcards):
     weights = {d: (1.0 if d == wildcards.dimension else 0.0) for d in config["dpo"].get("dimension_weights", {})}
     weights[wildcards.dimension] = 1.0
-    return as_json({"stage": {**config["dpo"], "dimension_weights": weights}})
+    return as_json({"stage": {**stage_slice("dpo"), "dimension_weights": weights}})

@@ -14,6 +14,8 @@ rule text_tokenizer:
         cfg=as_json(config["text_tokenizer"]),
         world=world_text_flag,
         out=folder_of("tokenizer"),
+    resources:
+        **group_resources("data"),
     conda:
         ENV
     log:
@@ -33,6 +35,8 @@ rule speech_tokenizer:
         root=data_root,
         cfg=as_json(config["speech_tokenizer"]),
         filtered=speech_tokenizer_data_flag,
+    resources:
+        **group_resources("data"),
     conda:
         ENV
     log:
@@ -54,6 +58,8 @@ rule asr_lm:
         cfg=as_json({"lm_order": (config.get("asr") or {}).get("lm_order")}),  # pocketsphinx only (asr_scorer_inputs)
         world=input_folder_of("sentences"),
         out=folder_of("lm"),
+    resources:
+        **group_resources("data"),
     conda:
         ENV
     log:

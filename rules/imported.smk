@@ -20,6 +20,8 @@ rule manifests:
         source=manifest_source_flags,
         root=data_root,
         out=folder_of("counts"),
+    resources:
+        **group_resources("data"),
     conda:
         ENV
     log:

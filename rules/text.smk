@@ -15,6 +15,8 @@ rule text_corpus:
         source=config["data"]["path"],
         names=" ".join(conversation_names()),
         out=folder_of("sentences"),
+    resources:
+        **group_resources("data"),
     conda:
         ENV
     log:
@@ -41,6 +43,8 @@ rule speak:
         lm=asr_lm_flag,
         root=data_root,
     threads: config["tts"]["workers"]
+    resources:
+        **group_resources("data"),
     conda:
         ENV
     log:
@@ -63,6 +67,8 @@ rule spoken:
         report=f"{SPOKEN}/{{name}}.report.json",
     wildcard_constraints:
         name="[A-Za-z0-9_-]+",
+    resources:
+        **group_resources("data"),
     conda:
         ENV
     log:

@@ -10,11 +10,13 @@ rule base_llm:
     output:
         directory(f"{RESULTS}/checkpoints/base_llm"),
     params:
-        cfg=as_json({"stage": config["base_llm"], "model": model_slice("llm")}),
+        cfg=as_json({"stage": stage_slice("base_llm"), "model": model_slice("llm")}),
         world=base_llm_world_flag,
         tokenizer=input_folder_of("tokenizer"),
         run=run_flags,
-    threads: config["threads"]
+    threads: stage_threads("base_llm")
+    resources:
+        **stage_resources("base_llm"),
     conda:
         ENV
     log:
@@ -35,12 +37,14 @@ rule encoder:
     output:
         directory(f"{RESULTS}/checkpoints/encoder"),
     params:
-        cfg=as_json({"stage": config["encoder"], "model": encoder_model_params()}),
+        cfg=as_json({"stage": stage_slice("encoder"), "model": encoder_model_params()}),
         manifests=input_folder_of("manifests"),
         tokenizer=input_folder_of("tokenizer"),
         root=data_root,
         run=run_flags,
-    threads: config["threads"]
+    threads: stage_threads("encoder")
+    resources:
+        **stage_resources("encoder"),
     conda:
         ENV
     log:
@@ -66,6 +70,8 @@ rule init_model:
         tokenizer=input_folder_of("tokenizer"),
         sources=init_source_flags,
         root=data_root,
+    resources:
+        **group_resources("models"),
     conda:
         ENV
     log:
@@ -89,7 +95,12 @@ rule train_drsr:
         manifests=input_folder_of("manifests"),
         root=data_root,
         run=run_flags,
-    threads: config["threads"]
+    threads: lambda wildcards: stage_threads(wildcards.stage)
+    resources:
+        gpu=drsr_resource("gpu"),
+        gpu_model=drsr_resource("gpu_model"),
+        mem_mb=drsr_resource("mem_mb"),
+        runtime=drsr_resource("runtime"),
     conda:
         ENV
     log:
@@ -110,6 +121,8 @@ rule merge:
     params:
         alpha=config["merge"]["alpha"],
         per_module=merge_per_module,
+    resources:
+        **group_resources("models"),
     conda:
         ENV
     log:
@@ -130,11 +143,14 @@ if WORLD:  # source manifests: the user's preference file, taken in by rule mani
         output:
             f"{RESULTS}/data/preferences.jsonl",
         params:
-            cfg=as_json({"stage": config["dpo"], "seed": config["seed"]}),
+            cfg=as_json({"stage": stage_slice("dpo"), "seed": config["seed"]}),
             world=input_folder_of("world"),
             manifests=input_folder_of("manifests"),
             root=data_root,
-        threads: config["threads"]
+            placement=eval_placement("stage2"),  # it generates with the stage-2 model
+        threads: group_threads("eval")
+        resources:
+            **group_resources("eval"),
         conda:
             ENV
         log:
@@ -143,7 +159,8 @@ if WORLD:  # source manifests: the user's preference file, taken in by rule mani
             f"{BENCH}/train/preferences.tsv"
         shell:
             "fac train preferences --params {params.cfg} --model {input.model} --world {params.world}"
-            " --manifests {params.manifests} --data-root {params.root} --out {output} --threads {threads} 2> {log}"
+            " --manifests {params.manifests} --data-root {params.root} --out {output} {params.placement}"
+            " --threads {threads} 2> {log}"
 
 
 rule dpo:
@@ -154,10 +171,12 @@ rule dpo:
     output:
         directory(f"{RESULTS}/checkpoints/dpo"),
     params:
-        cfg=as_json({"stage": config["dpo"]}),
+        cfg=as_json({"stage": stage_slice("dpo")}),
         root=data_root,
         run=run_flags,
-    threads: config["threads"]
+    threads: stage_threads("dpo")
+    resources:
+        **stage_resources("dpo"),
     conda:
         ENV
     log:
@@ -180,7 +199,10 @@ rule evaluate:
     params:
         data=eval_data_flags,
         root=data_root,
-    threads: config["threads"]
+        placement=lambda wildcards: eval_placement(wildcards.stage),
+    threads: group_threads("eval")
+    resources:
+        **group_resources("eval"),
     conda:
         ENV
     log:
@@ -189,7 +211,7 @@ rule evaluate:
         f"{BENCH}/eval/{{stage}}.tsv"
     shell:
         "fac eval --stage {wildcards.stage} --model {input.model} {params.data}"
-        " --data-root {params.root} --out {output} --threads {threads} 2> {log}"
+        " --data-root {params.root} --out {output} {params.placement} --threads {threads} 2> {log}"
 
 
 rule metrics:
@@ -201,6 +223,8 @@ rule metrics:
         table=f"{RESULTS}/metrics.md",
     params:
         inputs=metrics_inputs,
+    resources:
+        **group_resources("default"),
     conda:
         ENV
     log:
@@ -221,6 +245,8 @@ rule report:
     params:
         results=lambda wildcards, output: os.path.dirname(os.path.dirname(output[0])),  # results/<exp>/..
         experiment=EXP,
+    resources:
+        **group_resources("default"),
     conda:
         ENV
     log:

@@ -15,6 +15,8 @@ rule world:
     params:
         cfg=as_json(config["world"]),
         out=folder_of("world"),
+    resources:
+        **group_resources("data"),
     conda:
         ENV
     log:
@@ -37,6 +39,8 @@ rule tts:
                      "instruction": config.get("instruction")}),
         world=input_folder_of("world"),
     threads: config["tts"]["workers"]
+    resources:
+        **group_resources("data"),
     conda:
         ENV
     log:
@@ -59,6 +63,8 @@ rule asr_filter:
         root=data_root,
         cfg=as_json(config["asr"]),
         lm=asr_lm_flag,
+    resources:
+        **group_resources("data"),
     conda:
         ENV
     threads: config["asr"]["workers"]
@@ -79,6 +85,8 @@ rule noisy:
     params:
         root=data_root,
         cfg=as_json(config["noise"]),
+    resources:
+        **group_resources("data"),
     conda:
         ENV
     log:
@@ -99,6 +107,8 @@ rule speech_tokens:
         stats=f"{DATA}/speech_tokens/stats.json",
     params:
         root=data_root,
+    resources:
+        **group_resources("data"),
     conda:
         ENV
     log:
@@ -121,6 +131,8 @@ rule manifests:
     params:
         cfg=as_json({"tasks": config["manifests"]["tasks"], "expected": manifest_names()}),
         out=folder_of("counts"),
+    resources:
+        **group_resources("data"),
     conda:
         ENV
     log:
@@ -143,6 +155,8 @@ rule data_report:
         md=f"{DATA}/report.md",
         json=f"{DATA}/report.json",
         plot=f"{DATA}/wer_hist.png",
+    resources:
+        **group_resources("data"),
     conda:
         ENV
     log:

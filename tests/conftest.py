@@ -23,6 +23,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def cuda_devices(monkeypatch):
+    """cuda_devices(n): this process sees n CUDA devices (0: no CUDA), whatever the machine has."""
+    import torch
+
+    def visible(n: int) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    return visible
+
+
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
@@ -43,3 +54,19 @@ def micro_run(tmp_path_factory):
     snakemake(workdir, "data")
     snakemake(workdir)
     return workdir
+
+
+def pytest_collection_finish(session):
+    """The SLURM test's run mostly waits on the scheduler: when a selected test needs it, it starts now, in the
+    background, and the rest of the suite runs meanwhile (tests/slurm_cluster.py)."""
+    if any("slurm_run" in getattr(item, "fixturenames", ()) for item in session.items):
+        from slurm_cluster import RUN
+
+        RUN.start()
+
+
+def pytest_sessionfinish(session):
+    import sys
+
+    if "slurm_cluster" in sys.modules:
+        sys.modules["slurm_cluster"].RUN.stop()

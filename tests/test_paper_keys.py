@@ -24,6 +24,10 @@ STAGE_FIELDS = {  # trainer.StageConfig takes these from a stage's params (from_
     "gpus": ("fac/train/distributed.py", 'int(stage.get("gpus", 0))'),
     "data": ("fac/train/stages.py", 'SpokenData(manifest_dir, stage.get("data", {})'),
     "packing": ("fac/train/stages.py", 'bool(stage.get("packing"))'),
+    # the scheduler's request of the stage's job (rules: resources and threads of every training rule)
+    "resources.cpus": ("rules/common.smk", '.get("cpus", config["threads"])'),
+    "resources.mem_mb": ("rules/common.smk", '"mem_mb": int(section["mem_mb"])'),
+    "resources.runtime": ("rules/common.smk", '"runtime": int(section["runtime"])'),
 }
 
 READERS = {
@@ -39,7 +43,10 @@ READERS = {
     "speech_tokenizer.kind": ("fac/data/steps.py", 'if params["kind"] == "s3":'),
     "speech_tokenizer.codebook_size": ("fac/data/steps.py", 'tok.codebook_size != params["codebook_size"]'),
     "speech_tokenizer.path": ("rules/common.smk", 'config["speech_tokenizer"]["path"]'),
-    "threads": ("rules/train.smk", 'threads: config["threads"]'),
+    "threads": ("rules/common.smk", '.get("cpus", config["threads"])'),
+    **{f"resources.{group}.{key}": ("rules/common.smk", f'"{key}": int(section["{key}"])')
+       for group in ("data", "eval", "models", "default") for key in ("mem_mb", "runtime")},
+    "resources.eval.gpus": ("rules/common.smk", 'out["gpu"] = int(section.get("gpus", 0))'),
     "model.geometry": ("fac/model/builders.py", 'params.pop("geometry", None)'),
     "model.speech.group_size": ("rules/common.smk", 'model["speech"]["group_size"]'),
     "base_llm.import": ("fac/train/stages.py", 'import_llm(stage["import"], tokenizer, out_dir)'),

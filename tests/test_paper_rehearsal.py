@@ -1,7 +1,7 @@
 """The paper recipe rehearsed end to end: params/paper.yaml as it stands, plus an overlay that changes only sizes,
-counts, paths and `gpus: 0`, over tiny random stand-ins in the real formats (a Qwen3 folder with Qwen's vocabulary
-size and special ids and no audio tokens, a Whisper folder with 128 mel bins, an S3 tokenizer in the official ONNX
-layout, data in the official SFT format). Every rule of the DAG runs, the DeepSpeed stages as two CPU processes under gloo."""
+counts, paths and the CPU choice (`gpus: 0` with `precision: fp32`), over tiny random stand-ins in the real formats
+(a Qwen3 folder with Qwen's vocabulary size and special ids and no audio tokens, a Whisper folder with 128 mel bins,
+an S3 tokenizer in the official ONNX layout, data in the official SFT format). Every rule of the DAG runs, the DeepSpeed stages as two CPU processes under gloo."""
 import json
 import re
 import subprocess
@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from standins import (official_dataset, qwen3_llm, qwen_tokenizer, released_checkpoint, s3_tokenizer_file,
                       s3_tokenizer_onnx, whisper_asr)
-from workflow_helpers import BIN, ROOT, env
+from workflow_helpers import BIN, LOCAL_PROFILE, ROOT, env
 
 PAPER = yaml.safe_load((ROOT / "params/paper.yaml").read_text())
 DS_STAGES = ("prealign", "stage1", "stage2", "dpo")
@@ -29,7 +29,7 @@ def leaves(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and not (MAPPINGS.search(name) and name != "data"):
+        if isinstance(value, dict) and not (MAPPINGS.search(name) and name not in ("data", "resources.data")):
             out.update(leaves(value, f"{name}."))
         else:
             out[name] = value
@@ -37,13 +37,16 @@ def leaves(tree: dict, prefix: str = "") -> dict:
 
 
 def sizes_only(overlay: dict) -> None:
-    """The overlay may change sizes, counts and paths (and gpus to 0), never a component, an engine or a stage."""
+    """The overlay may change sizes, counts and paths (and choose the CPU: gpus 0, precision fp32, evaluation's
+    gpus 0), never a component, an engine or a stage."""
     allowed_leaf = re.compile(r"(^experiment$|path$|media$|import$|^threads$|^model\.srh\.|batch_size$|grad_accum$|"
-                              r"max_length$|epochs$|^\w+\.gpus$|^\w+\.processes$)")
+                              r"max_length$|epochs$|^\w+\.gpus$|^resources\.eval\.gpus$|^\w+\.precision$|^\w+\.processes$)")
     for key, value in leaves(overlay).items():
         assert allowed_leaf.search(key), f"the rehearsal overlay changes {key}, which is not a size, count or path"
         if key.endswith(".gpus"):
             assert value == 0
+        if key.endswith(".precision"):  # bf16 needs a GPU: the CPU choice is fp32, with gpus 0
+            assert value == "fp32" and leaves(overlay).get(key.replace(".precision", ".gpus")) == 0
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +65,12 @@ def rehearsal(tmp_path_factory):
         "text_tokenizer": {"path": str(qwen)},
         "speech_tokenizer": {"path": str(s3)},
         "threads": 2,
+        "resources": {"eval": {"gpus": 0}},
         "model": {"srh": SMALL_SRH},
         "base_llm": {"import": str(qwen)},
         "encoder": {"import": str(whisper)},
-        **{stage: {"gpus": 0, "processes": 2, "batch_size": 1, "max_length": 512} for stage in DS_STAGES},
+        **{stage: {"gpus": 0, "precision": "fp32", "processes": 2, "batch_size": 1, "max_length": 512}
+           for stage in DS_STAGES},
     }
     sizes_only(overlay)
     overlay_file = root / "sizes.yaml"
@@ -73,7 +78,8 @@ def rehearsal(tmp_path_factory):
     work = root / "work"
     work.mkdir()
     # --configfile takes every word after it: targets and flags go first.
-    cmd = [str(BIN / "snakemake"), "-s", str(ROOT / "workflow/Snakefile"), "--directory", str(work), "--cores", "2",
+    cmd = [str(BIN / "snakemake"), "-s", str(ROOT / "workflow/Snakefile"), "--directory", str(work),
+           "--profile", str(LOCAL_PROFILE), "--cores", "2",
            "--configfile", str(ROOT / "params/paper.yaml"), str(overlay_file)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=work)
     assert proc.returncode == 0, f"paper rehearsal failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

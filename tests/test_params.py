@@ -49,6 +49,20 @@ def test_missing_section_is_named(root):
         validate(cfg)
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["resources"]["eval"].update(gpus=2), r"resources\.eval\.gpus: 2 is greater than the maximum of 1"),
+    (lambda c: c["resources"]["data"].update(gpus=1), r"resources\.data\.gpus: unknown key"),
+    (lambda c: c["stage1"]["resources"].update(mem=4000), r"stage1\.resources\.mem: unknown key"),
+    (lambda c: c["stage1"]["resources"].update(runtime=0), r"stage1\.resources\.runtime: 0 is less than the minimum"),
+    (lambda c: c["prealign"]["resources"].update(gpu_model="'a100'"), r"prealign\.resources\.gpu_model: .* does not match"),
+])
+def test_a_bad_resource_request_is_named(root, change, message):
+    cfg = _default(root)
+    change(cfg)
+    with pytest.raises(ParamsError, match=message):
+        validate(cfg)
+
+
 def test_test_voice_that_is_also_a_training_voice_is_refused(root):
     cfg = _default(root)
     cfg["tts"]["test_voices"].append(cfg["tts"]["train_voices"][0])

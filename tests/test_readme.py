@@ -73,7 +73,7 @@ def _merged(proc, workspace):
     assert (workspace / "merged_0.3/config.json").is_file() and (workspace / "merged_0.3/model.safetensors").is_file()
 
 
-SNAKEMAKE = ".venv/bin/snakemake --profile workflow/profiles/default"
+SNAKEMAKE = ".venv/bin/snakemake --profile workflow/profiles/local"
 STAGES = "results/default/checkpoints"
 # README command -> (how it is run: "as written" or with words appended, check). Run in the README's order.
 RUN = {
@@ -88,8 +88,11 @@ RUN = {
     f".venv/bin/fac merge --base {STAGES}/prealign --other {STAGES}/stage1 --alpha 0.3 --out merged_0.3": ("", _merged),
 }
 SKIP = {
-    ".venv/bin/snakemake --profile workflow/profiles/default --configfile params/paper.yaml my_paths.yaml":
+    ".venv/bin/snakemake --profile workflow/profiles/local --configfile params/paper.yaml my_paths.yaml":
         "needs Qwen3, Whisper and your data on disk; test_paper_rehearsal runs it over stand-ins with such an overlay",
+    ".venv/bin/snakemake --profile workflow/profiles/slurm --configfile params/paper.yaml my_paths.yaml":
+        "needs a SLURM cluster with GPUs and the paper's components; test_slurm submits the micro DAG through this "
+        "profile and dry-runs params/paper.yaml through it",
     "make reproduce": "the whole reproduction (about 30 minutes); the micro_run fixture runs the same DAG",
     "make test": "this test suite itself",
     "make data": "the default world's data half (minutes); the micro world runs the same rules (micro_run)",

@@ -164,22 +164,37 @@ def test_fac_train_starts_its_processes_and_rank_0_saves(tmp_path):
 # -- the launcher's decision -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage, cuda_devices, expected", [
-    ({"backend": "torch", "gpus": 8, "processes": 4}, 8, 1),  # the torch backend is one process
-    ({"backend": "deepspeed", "gpus": 2}, 4, 2),  # GPUs when asked for and present
-    ({"backend": "deepspeed", "gpus": 8, "processes": 2}, 0, 2),  # no CUDA: CPU processes
-    ({"backend": "deepspeed", "gpus": 0, "processes": 3}, 4, 3),  # no GPUs asked for: CPU processes
+@pytest.mark.parametrize("stage, visible, expected", [
+    ({"backend": "torch", "gpus": 1, "processes": 4}, 8, 1),  # the torch backend is one process
+    ({"backend": "torch", "processes": 4}, 0, 1),
+    ({"backend": "deepspeed", "gpus": 2}, 4, 2),  # one process per GPU asked for
+    ({"backend": "deepspeed", "gpus": 2, "precision": "bf16"}, 2, 2),
+    ({"backend": "deepspeed", "gpus": 0, "processes": 3}, 4, 3),  # no GPUs asked for: CPU processes, CUDA or not
     ({"backend": "deepspeed"}, 0, 1),  # processes defaults to 1
 ])
-def test_process_count(stage, cuda_devices, expected):
-    assert process_count(stage, cuda_devices) == expected
+def test_process_count(stage, visible, expected, cuda_devices):
+    cuda_devices(visible)
+    assert process_count(stage) == expected
 
 
-def test_process_count_names_the_wrong_value():
-    with pytest.raises(ValueError, match="gpus=4 but only 2 CUDA devices"):
-        process_count({"backend": "deepspeed", "gpus": 4}, 2)
+def test_process_count_names_the_wrong_value(cuda_devices):
+    cuda_devices(2)
+    with pytest.raises(ValueError, match=r"stage x: gpus: 4 asks for more CUDA devices .*2 CUDA device\(s\) visible"):
+        process_count({"backend": "deepspeed", "gpus": 4}, "stage x")
+    with pytest.raises(ValueError, match="stage x: the torch backend trains in one process on at most one GPU"):
+        process_count({"backend": "torch", "gpus": 2}, "stage x")
     with pytest.raises(ValueError, match="'processes' must be at least 1.*got 0"):
-        process_count({"backend": "deepspeed", "processes": 0}, 0)
+        process_count({"backend": "deepspeed", "processes": 0}, "stage x")
+
+
+def test_process_count_without_cuda_is_an_error_not_a_cpu_run(cuda_devices):
+    """A stage that asks for GPUs on a machine without CUDA fails naming what it saw; it never trains on the CPU."""
+    cuda_devices(0)
+    with pytest.raises(ValueError, match=r"stage x: gpus: 8 asks for CUDA.*is_available\(\) is False.*"
+                                         r"CUDA_VISIBLE_DEVICES=.*set gpus: 0 to run on CPU"):
+        process_count({"backend": "deepspeed", "gpus": 8, "processes": 2}, "stage x")
+    with pytest.raises(ValueError, match="stage x: precision bf16 needs a GPU.*set precision: fp32 to run on CPU"):
+        process_count({"backend": "deepspeed", "gpus": 0, "processes": 2, "precision": "bf16"}, "stage x")
 
 
 def test_launch_command_reruns_fac_under_torchrun():

@@ -128,6 +128,13 @@ def test_changing_the_wer_threshold_keeps_synthesis(micro_run):
                          "data_report", "data"}
 
 
+def test_changing_what_a_job_asks_the_scheduler_for_reruns_nothing(micro_run):
+    """resources (memory, wall time, cores, the eval GPU model) never reach what decides a rerun."""
+    text = ("resources: {data: {mem_mb: 999, runtime: 5}, eval: {mem_mb: 3000, cpus: 1}, models: {mem_mb: 5000}, default: {runtime: 9}}\n"
+            "stage1: {resources: {mem_mb: 123, runtime: 7, cpus: 1}}\n")
+    assert planned_jobs(snakemake(micro_run, "-n", overlays=overlay(micro_run, text))) == {}
+
+
 def test_whole_dag_writes_per_stage_metrics(micro_run):
     metrics = json.loads((micro_run / "results/micro/metrics.json").read_text())
     assert list(metrics) == ["base_llm", "init", "prealign", "stage1", "merged", "stage2", "dpo", "encoder"]

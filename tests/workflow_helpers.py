@@ -7,6 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+LOCAL_PROFILE = ROOT / "workflow" / "profiles" / "local"
 
 
 def env() -> dict:
@@ -26,13 +27,15 @@ def snakemake(workdir: Path, *args: str, overlays=("tests/configs/micro.yaml",),
 
 
 def snakemake_args(workdir: Path, *args: str, overlays=("tests/configs/micro.yaml",), config: str | None = None,
-                   base: str = "params/default.yaml"):
+                   base: str = "params/default.yaml", profile: Path | None = LOCAL_PROFILE):
     # Targets and flags first: --configfile and --config take every word after them. A base without a world
-    # (params/paper.yaml) gets no lexicon.
+    # (params/paper.yaml) gets no lexicon. The local profile as the README runs it, on 2 cores; profile None: the
+    # caller gives its own (the SLURM test).
     world = [f"world={{source: {ROOT / 'data/world/lexicon.yaml'}}}"] if base == "params/default.yaml" else []
     extra = world + ([config] if config else [])
+    local = ["--profile", str(profile), "--cores", "2"] if profile else []
     return [*args, "-s", str(ROOT / "workflow/Snakefile"), "--directory", str(workdir),
-            "--cores", "2", "--configfile", str(ROOT / base),
+            *local, "--configfile", str(ROOT / base),
             *[str(ROOT / o) for o in overlays], *(["--config", *extra] if extra else [])]
 
 

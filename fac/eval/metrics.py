@@ -23,6 +23,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from fac.data.text_tokenizer import AUDIO_QUESTION_PROMPT, SYSTEM_PROMPTS
+from fac.devices import CPU, Placement, device_of, to_device
 from fac.model import load_checkpoint
 from fac.model.processing import IGNORE_INDEX, SpecialIds, collate
 from fac.train.data import FeatureCache, SpokenData, SpokenRecord, chat_ids, encode_text, load_records
@@ -47,8 +48,9 @@ def text_answers(llm, tokenizer, questions: list[str], max_new_tokens: int) -> l
     for i, p in enumerate(prompts):  # left padding for batched generation
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
-    out = llm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    device = device_of(llm)
+    out = llm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                       do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     return out[:, width:].tolist()
 
 
@@ -72,7 +74,7 @@ def spoken_qa_accuracy(model, data: SpokenData, name: str, tokenizer) -> float:
     records = data.records[name]
     correct = 0
     for rec in tqdm(records, desc=f"spoken QA {name}", unit="q"):
-        prompt = data.prompt(rec)
+        prompt = to_device(data.prompt(rec), device_of(model))
         out = model.generate_speech_text(**prompt, mode="s2t", max_new_tokens=3)
         correct += first_word(tokenizer, out.text_ids[0].tolist()) == rec.meta["answer"]
     return correct / len(records)
@@ -90,9 +92,11 @@ def paralinguistic_accuracy(model, data: SpokenData, name: str, tokenizer) -> di
     records = data.records[name]
     emotion = empathy = 0
     for rec in tqdm(records, desc=f"paralinguistic {name}", unit="clip"):
-        asked = model.generate_speech_text(**data.prompt(rec, AUDIO_QUESTION_PROMPT), mode="s2t", max_new_tokens=3)
+        asked = model.generate_speech_text(**to_device(data.prompt(rec, AUDIO_QUESTION_PROMPT), device_of(model)),
+                                           mode="s2t", max_new_tokens=3)
         emotion += first_word(tokenizer, asked.text_ids[0].tolist()) == rec.meta["emotion"]
-        reply = model.generate_speech_text(**data.prompt(rec), mode="s2m", max_new_tokens=8)
+        reply = model.generate_speech_text(**to_device(data.prompt(rec), device_of(model)), mode="s2m",
+                                           max_new_tokens=8)
         empathy += tokenizer.decode(reply.text_ids[0].tolist(), skip_special_tokens=True).strip() == rec.meta["reply"]
     return {"emotion_acc": emotion / len(records), "empathy_acc": empathy / len(records)}
 
@@ -135,7 +139,7 @@ def instruction_accuracy(model, data: SpokenData, name: str) -> dict:
     follows, ratios = 0, {}
     records = data.records[name]
     for rec in tqdm(records, desc=f"instruction following {name}", unit="q"):
-        out = model.generate_speech_text(**data.prompt(rec), mode="s2m",
+        out = model.generate_speech_text(**to_device(data.prompt(rec), device_of(model)), mode="s2m",
                                          max_new_tokens=spoken_reply_budget(len(rec.codes), audio_cfg.group_size))
         units = len(spoken_units(out.speech_ids[0].tolist(), audio_cfg))
         follows += follows_style(units, len(rec.codes), rec.meta["normal_units"])
@@ -155,7 +159,7 @@ def speech_token_accuracy(model, data: SpokenData, name: str, batch_size: int = 
     records = data.records[name]
     for start in range(0, len(records), batch_size):
         batch = collate([data.example(r) for r in records[start:start + batch_size]], data.special)
-        out = model(**batch)
+        out = model(**to_device(batch, device_of(model)))
         predicted = out.speech_logits[:, :-g].argmax(-1)  # sub-frame q predicts label q + G
         target = out.speech_labels[:, g:]
         valid = (target != IGNORE_INDEX) & (target < first_special)
@@ -186,8 +190,8 @@ def answer_match_accuracy(model, data: SpokenData, name: str, tokenizer) -> floa
         budget = len(encode_text(tokenizer, rec.text)) + 8
         if rec.codes is not None:  # the text stream of a spoken reply runs one token per slot, then <|sil|>
             budget = max(budget, spoken_reply_budget(len(rec.codes), model.config.audio_config.group_size))
-        out = model.generate_speech_text(**data.prompt(rec), mode="s2m" if rec.codes is not None else "s2t",
-                                         max_new_tokens=budget)
+        out = model.generate_speech_text(**to_device(data.prompt(rec), device_of(model)),
+                                         mode="s2m" if rec.codes is not None else "s2t", max_new_tokens=budget)
         correct += answer_matches(rec.text, tokenizer.decode(out.text_ids[0].tolist(), skip_special_tokens=True))
     return correct / len(records)
 
@@ -229,35 +233,40 @@ WORLD_ONLY_METRICS = ["spoken_qa_acc", "spoken_qa_acc_unseen_voices", "text_qa_a
                       "emotion_acc", "empathy_acc", "instruction_acc"]
 
 
-def evaluate_sets(stage: str, model_dir: str, manifest_dir: str, data_root: str, sets: list[str]) -> dict:
+def evaluate_sets(stage: str, model_dir: str, manifest_dir: str, data_root: str, sets: list[str],
+                  placement: Placement = CPU) -> dict:
     """Source manifests: what can be scored without the world, per evaluation set: `answer_match_<set>` (the
     reference reply's text in the model's answer), `speech_token_acc_<set>` (teacher-forced SRH accuracy on the
     spoken references), and for a plain LLM `text_answer_match_<set>` (asked the clips' transcripts). `skipped`
-    lists what the world's evaluation has and these sets cannot give."""
+    lists what the world's evaluation has and these sets cannot give. The model runs on `placement` (see
+    `evaluate`)."""
     tokenizer = load_tokenizer(model_dir)
     config = json.loads((Path(model_dir) / "config.json").read_text())
     skipped = list(WORLD_ONLY_METRICS)
     metrics: dict = {}
     if config.get("model_type") != "funaudiochat":
-        llm = AutoModelForCausalLM.from_pretrained(model_dir)
+        llm = AutoModelForCausalLM.from_pretrained(model_dir).to(placement.device)
         holder = _TextSets(manifest_dir, sets)
         for name in sets:
-            score = text_answer_match(llm, tokenizer, holder, name)
+            with placement.autocast():
+                score = text_answer_match(llm, tokenizer, holder, name)
             if score is None:
                 skipped.append(f"text_answer_match_{name} (no transcripts)")
             else:
                 metrics[f"text_answer_match_{name}"] = score
     else:
-        model = load_checkpoint(model_dir)
+        model = load_checkpoint(model_dir).to(placement.device)
         special = SpecialIds.from_tokenizer(tokenizer, model.config)
         features = FeatureCache(data_root, model.config.audio_config.num_mel_bins)
         data = SpokenData(manifest_dir, {n: 1.0 for n in sets}, features, tokenizer, special,
                           model.config.audio_config.group_size)
         for name in sets:
-            metrics[f"answer_match_{name}"] = answer_match_accuracy(model, data, name, tokenizer)
+            with placement.autocast():
+                metrics[f"answer_match_{name}"] = answer_match_accuracy(model, data, name, tokenizer)
             spoken = [rec for rec in data.records[name] if rec.codes is not None]
             if spoken:
-                metrics[f"speech_token_acc_{name}"] = speech_token_accuracy(model, data, name)
+                with placement.autocast():
+                    metrics[f"speech_token_acc_{name}"] = speech_token_accuracy(model, data, name)
             else:
                 skipped.append(f"speech_token_acc_{name} (no spoken references)")
     metrics.update(efficiency(model_dir))
@@ -275,23 +284,37 @@ class _TextSets:
 
 
 def evaluate(stage: str, model_dir: str, world_dir: str | None, manifest_dir: str, data_root: str,
-             sets: list[str] | None = None) -> dict:
+             sets: list[str] | None = None, placement: Placement = CPU) -> dict:
     """All metrics that apply to a checkpoint: a plain LLM gets text QA only, a DRSR model everything. Without a
-    world (data source manifests), `evaluate_sets` on the named evaluation manifests."""
+    world (data source manifests), `evaluate_sets` on the named evaluation manifests.
+
+    The model runs on `placement` (fac.devices.resolve; `fac eval --gpus --precision`): moved to its device, its
+    inputs too, generation and forward passes under autocast in its dtype on GPU; CPU fp32 by default."""
     if not world_dir:
-        return evaluate_sets(stage, model_dir, manifest_dir, data_root, sets or [])
+        return evaluate_sets(stage, model_dir, manifest_dir, data_root, sets or [], placement)
     tokenizer = load_tokenizer(model_dir)
     config = json.loads((Path(model_dir) / "config.json").read_text())
     if config.get("model_type") != "funaudiochat":
-        llm = AutoModelForCausalLM.from_pretrained(model_dir)
-        return {"text_qa_acc": text_qa_accuracy(llm, tokenizer, world_dir), **efficiency(model_dir)}
-    model = load_checkpoint(model_dir)
+        llm = AutoModelForCausalLM.from_pretrained(model_dir).to(placement.device)
+        with placement.autocast():
+            text_qa = text_qa_accuracy(llm, tokenizer, world_dir)
+        return {"text_qa_acc": text_qa, **efficiency(model_dir)}
+    model = load_checkpoint(model_dir).to(placement.device)
     special = SpecialIds.from_tokenizer(tokenizer, model.config)
     features = FeatureCache(data_root, model.config.audio_config.num_mel_bins)
     names = ["spoken_qa_test", "spoken_qa_test_unseen_voices"]
     optional = [n for n in (NOISY_TEST, "paraling_test", INSTRUCT_TEST) if (Path(manifest_dir) / f"{n}.jsonl").is_file()]
     data = SpokenData(manifest_dir, {n: 1.0 for n in names + optional}, features, tokenizer, special,
                       model.config.audio_config.group_size)
+    with placement.autocast():
+        metrics = _world_metrics(model, data, tokenizer, world_dir, optional)
+    metrics.update(efficiency(model_dir))
+    log.info("%s: %s", stage, metrics)
+    return metrics
+
+
+def _world_metrics(model, data: SpokenData, tokenizer, world_dir: str, optional: list[str]) -> dict:
+    """The world's metrics of a DRSR model (see `evaluate`)."""
     metrics = {
         "spoken_qa_acc": spoken_qa_accuracy(model, data, "spoken_qa_test", tokenizer),
         "spoken_qa_acc_unseen_voices": spoken_qa_accuracy(model, data, "spoken_qa_test_unseen_voices", tokenizer),
@@ -305,8 +328,6 @@ def evaluate(stage: str, model_dir: str, world_dir: str | None, manifest_dir: st
         metrics.update(paralinguistic_accuracy(model, data, "paraling_test", tokenizer))
     if INSTRUCT_TEST in optional:
         metrics.update(instruction_accuracy(model, data, INSTRUCT_TEST))
-    metrics.update(efficiency(model_dir))
-    log.info("%s: %s", stage, metrics)
     return metrics
 
 

@@ -1,7 +1,8 @@
 """The DeepSpeed backend of the one trainer: how many processes a stage runs in, the launcher, and the engine.
 
-`fac train` re-runs itself under torchrun when a deepspeed stage needs more than one process; every process
-then wraps the stage's model, AdamW and schedule in a DeepSpeed engine with the stage's ZeRO stage.
+`fac train` re-runs itself under torchrun when a deepspeed stage needs more than one process (one per GPU of
+`gpus`, which CUDA must then have; `processes` CPU processes with gpus 0); every process then wraps the stage's
+model, AdamW and schedule in a DeepSpeed engine with the stage's ZeRO stage.
 """
 from __future__ import annotations
 
@@ -17,41 +18,35 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fac.devices import Placement, resolve
+
 log = logging.getLogger("fac.train")
 
 
 # -- how many processes, and the launcher ---------------------------------------------------------------------
 
 
-def visible_cuda_devices() -> int:
-    """CUDA devices this job may use (CUDA_VISIBLE_DEVICES decides which; 0 without CUDA)."""
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+def stage_placement(what: str, backend: str, gpus: int, precision: str) -> Placement:
+    """This process's device and precision for a training stage: fac.devices.resolve's rule (gpus 0: CPU; gpus N:
+    N CUDA devices required, this process on cuda:LOCAL_RANK; bf16/fp16 only on GPU), and the torch backend's one
+    process on at most one GPU. Raises ValueError naming `what` when the machine cannot give what the stage asks."""
+    if backend != "deepspeed" and int(gpus) > 1:
+        raise ValueError(f"{what}: the torch backend trains in one process on at most one GPU; got gpus: {gpus} "
+                         "(backend: deepspeed trains on several)")
+    return resolve(what, gpus, precision, local_rank())
 
 
-def process_count(stage: dict, cuda_devices: int) -> int:
-    """Processes a stage trains in: `gpus` when it asks for GPUs and CUDA has some, else `processes` on CPU.
-
-    The torch backend always runs in one process.
-    """
+def process_count(stage: dict, what: str = "stage") -> int:
+    """Processes a stage trains in: one per GPU when it asks for `gpus`, else `processes` on CPU; the torch backend
+    always runs in one. Raises ValueError (stage_placement) when CUDA is missing or too small for the GPUs asked
+    for, or the precision needs a GPU the stage does not ask for: never a silent fallback to CPU or fp32."""
+    gpus, processes = int(stage.get("gpus", 0)), int(stage.get("processes", 1))
+    stage_placement(what, stage.get("backend", "torch"), gpus, stage.get("precision", "fp32"))
     if stage.get("backend", "torch") != "deepspeed":
         return 1
-    gpus, processes = int(stage.get("gpus", 0)), int(stage.get("processes", 1))
     if processes < 1:
-        raise ValueError(f"stage key 'processes' must be at least 1 (CPU processes); got {processes}")
-    if gpus > 0 and cuda_devices > 0:
-        if gpus > cuda_devices:
-            raise ValueError(f"stage asks for gpus={gpus} but only {cuda_devices} CUDA devices are visible "
-                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})")
-        return gpus
-    if gpus > 0:
-        log.warning("stage asks for gpus=%d but CUDA has no device here; training on CPU in %d process(es)",
-                    gpus, processes)
-    return processes
-
-
-def uses_cuda(stage_gpus: int) -> bool:
-    """Whether this process trains on a GPU (the same decision as process_count)."""
-    return stage_gpus > 0 and visible_cuda_devices() > 0
+        raise ValueError(f"{what}: stage key 'processes' must be at least 1 (CPU processes); got {processes}")
+    return gpus if gpus > 0 else processes
 
 
 def launch_command(argv: list[str], processes: int) -> list[str]:
@@ -60,15 +55,16 @@ def launch_command(argv: list[str], processes: int) -> list[str]:
             "-m", "fac", *argv]
 
 
-def relaunch(stage: dict, argv: list[str], threads: int | None) -> None:
+def relaunch(stage: dict, argv: list[str], threads: int | None, what: str = "stage") -> None:
     """Become torchrun running `fac <argv>` when its stage needs several processes and this is not yet a worker.
 
-    Returns only when this process should train by itself. Replacing the process (rather than waiting on a
+    Returns only when this process should train by itself; raises ValueError naming `what` (process_count) when
+    the stage asks for what this machine does not have. Replacing the process (rather than waiting on a
     child) lets a scheduler's signals reach torchrun, which passes them on to its workers.
     """
     if "WORLD_SIZE" in os.environ:
         return
-    processes = process_count(stage, visible_cuda_devices())
+    processes = process_count(stage, what)
     if processes == 1:
         return
     env = dict(os.environ)
@@ -139,7 +135,8 @@ class DeepSpeedBackend:
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg, name: str):
-        self.on_gpu = uses_cuda(cfg.gpus)
+        self.placement = stage_placement(f"stage {name}", "deepspeed", cfg.gpus, cfg.precision)
+        self.on_gpu = self.placement.on_gpu
         init_process_group(self.on_gpu)
         import deepspeed
 
@@ -161,8 +158,6 @@ class DeepSpeedBackend:
         # ZeRO's and the half-precision optimizers report the gradient norm; DeepSpeed's plain fp32 path does not.
         self.own_grad_norm = cfg.zero_stage == 0 and "bf16" not in config and "fp16" not in config
         self._grad_norm = float("nan")
-        if cfg.precision != "fp32" and not self.on_gpu and torch.cuda.is_available():
-            log.warning("%s: precision %s is for GPUs; these CPU processes train in fp32", name, cfg.precision)
 
     @property
     def is_main(self) -> bool:

@@ -8,8 +8,9 @@ log-probability under the model: the text stream's tokens plus, for spoken repli
 
 with pi the policy's and ref the frozen reference's sequence log-probs, w_d the weight of the pair's
 dimension (all 1: the mean equals TRL's sigmoid DPO loss; tests/test_train_dpo.py checks that against
-TRL itself). The reference is the stage-2 model; its log-probs are computed once, before training, and
-kept beside the resume points.
+TRL itself). The reference is the stage-2 model; its log-probs are computed once, before training, on the
+stage's device and precision (under torchrun shared among the ranks, written by rank 0 alone), and kept beside
+the resume points.
 
 Preference pairs come from the stage-2 model's own outputs and the world's ground truth:
 - robustness: noisy copies of training questions; the correct answer (text and speech) chosen over the
@@ -27,7 +28,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fac.data.text_tokenizer import AUDIO_QUESTION_PROMPT, SYSTEM_PROMPTS
+from fac.devices import CPU, Placement, device_of, to_device
 from fac.model import load_checkpoint
 from fac.model.processing import IGNORE_INDEX, SpecialIds, build_example, collate
 from fac.train.data import FeatureCache, SpokenRecord, encode_text, load_records
@@ -114,33 +118,39 @@ def _spoken_replies(records: list[SpokenRecord]) -> dict[str, list[int]]:
 
 
 @torch.no_grad()
-def _generate_text(model, tokenizer, features: FeatureCache, rec: SpokenRecord, system: str, special, g) -> str:
+def _generate_text(model, tokenizer, features: FeatureCache, rec: SpokenRecord, system: str, special, g,
+                   placement: Placement = CPU) -> str:
     from fac.model.processing import build_prompt
 
     prompt = build_prompt(encode_text(tokenizer, system), features(rec.user_path), special, g)
-    out = model.generate_speech_text(**prompt, mode="s2t", max_new_tokens=6)
+    with placement.autocast():
+        out = model.generate_speech_text(**to_device(prompt, device_of(model)), mode="s2t", max_new_tokens=6)
     return tokenizer.decode(out.text_ids[0].tolist(), skip_special_tokens=True).strip()
 
 
 @torch.no_grad()
-def _generate_units(model, tokenizer, features: FeatureCache, rec: SpokenRecord, special, g) -> list[int]:
+def _generate_units(model, tokenizer, features: FeatureCache, rec: SpokenRecord, special, g,
+                    placement: Placement = CPU) -> list[int]:
     """The speech codes of the model's greedy spoken answer to a record, under the record's own system prompt."""
     from fac.eval.metrics import spoken_reply_budget, spoken_units
     from fac.model.processing import build_prompt
 
     prompt = build_prompt(encode_text(tokenizer, rec.system), features(rec.user_path), special, g)
-    out = model.generate_speech_text(**prompt, mode="s2m", max_new_tokens=spoken_reply_budget(len(rec.codes), g))
+    with placement.autocast():
+        out = model.generate_speech_text(**to_device(prompt, device_of(model)), mode="s2m",
+                                         max_new_tokens=spoken_reply_budget(len(rec.codes), g))
     return spoken_units(out.speech_ids[0].tolist(), model.config.audio_config)
 
 
 def build_preferences(model_dir: str, manifest_dir: str, data_root: str, world_dir: str, out_path: str,
-                      seed: int = 0, max_per_dimension: int | None = None) -> dict:
+                      seed: int = 0, max_per_dimension: int | None = None, placement: Placement = CPU) -> dict:
     """Preference pairs of the four dimensions from the model's own answers (a dimension whose training
-    manifest is absent gets none)."""
+    manifest is absent gets none), generated on `placement` (fac.devices.resolve; `fac train preferences --gpus
+    --precision`): its device, under autocast in its dtype on GPU."""
     from fac.eval.metrics import follows_style
     from fac.train.stages import load_tokenizer
 
-    model = load_checkpoint(model_dir).eval()
+    model = load_checkpoint(model_dir).eval().to(placement.device)
     tokenizer = load_tokenizer(model_dir)
     special = SpecialIds.from_tokenizer(tokenizer, model.config)
     g = model.config.audio_config.group_size
@@ -167,7 +177,7 @@ def build_preferences(model_dir: str, manifest_dir: str, data_root: str, world_d
 
     for rec in tqdm(take(noisy), desc="preferences robustness", unit="clip"):
         answer, attribute = rec.meta["answer"], qa[rec.meta["qa"]]["attribute"]
-        said = _generate_text(model, tokenizer, features, rec, SYSTEM_PROMPTS["s2t"], special, g).split()
+        said = _generate_text(model, tokenizer, features, rec, SYSTEM_PROMPTS["s2t"], special, g, placement).split()
         said = said[0] if said else ""
         wrong = said != answer and said in answer_codes
         rejected = said if wrong else rng.choice(sorted(values[attribute] - {answer}))
@@ -177,7 +187,7 @@ def build_preferences(model_dir: str, manifest_dir: str, data_root: str, world_d
     emotions = sorted({rec.meta["emotion"] for rec in paraling})
     for rec in tqdm(take(paraling), desc="preferences audio understanding", unit="clip"):
         emotion = rec.meta["emotion"]
-        said = _generate_text(model, tokenizer, features, rec, AUDIO_QUESTION_PROMPT, special, g).split()
+        said = _generate_text(model, tokenizer, features, rec, AUDIO_QUESTION_PROMPT, special, g, placement).split()
         said = said[0] if said else ""
         wrong = said != emotion and said in emotions
         counts["audio_understanding"]["model_wrong"] += wrong
@@ -187,7 +197,7 @@ def build_preferences(model_dir: str, manifest_dir: str, data_root: str, world_d
     replies = {rec.meta["emotion"]: rec.meta["reply"] for rec in paraling}
     for rec in tqdm(take(paraling), desc="preferences empathy", unit="clip"):
         fitting = rec.meta["reply"]
-        said = _generate_text(model, tokenizer, features, rec, SYSTEM_PROMPTS["s2m"], special, g)
+        said = _generate_text(model, tokenizer, features, rec, SYSTEM_PROMPTS["s2m"], special, g, placement)
         wrong = said != fitting and said in replies.values()
         counts["empathy"]["model_wrong"] += wrong
         rejected = said if wrong else replies[rng.choice([e for e in emotions if e != rec.meta["emotion"]])]
@@ -196,7 +206,7 @@ def build_preferences(model_dir: str, manifest_dir: str, data_root: str, world_d
     instruct = load("instruct_train") if (Path(manifest_dir) / "instruct_train.jsonl").is_file() else []
     for rec in tqdm(take(instruct), desc="preferences instruction following", unit="q"):
         answer = rec.meta["answer"]
-        units = _generate_units(model, tokenizer, features, rec, special, g)
+        units = _generate_units(model, tokenizer, features, rec, special, g, placement)
         follows = follows_style(len(units), len(rec.codes), rec.meta["normal_units"])
         counts["instruction_following"]["model_wrong"] += not follows
         if units and not follows:
@@ -305,25 +315,75 @@ class PairData:
 
 
 @torch.no_grad()
-def reference_logps(model, data: PairData, batch_size: int = 8) -> list[tuple[float, float]]:
-    model.eval()
-    out = []
-    for start in tqdm(range(0, len(data.pairs), batch_size), desc="reference log-probs", unit="batch"):
+def reference_logps(model, data: PairData, batch_size: int = 8, placement: Placement | None = None, rank: int = 0,
+                    world_size: int = 1) -> list[tuple[float, float]]:
+    """The (chosen, rejected) sequence log-probs of every pair, in the pairs' order, computed on `placement`'s device
+    under its autocast (None: where the model is, fp32); the model goes back where it was, in train mode.
+
+    With world_size > 1 (every rank calls it) rank r computes every world_size-th of the batches a single process
+    computes, the same batches, so the same values; the ranks gather them and each returns the full list."""
+    where = device_of(model)
+    device = placement.device if placement is not None else where
+    model.eval().to(device)
+    starts = list(range(0, len(data.pairs), batch_size))
+    mine: dict[int, list[tuple[float, float]]] = {}
+    for start in tqdm(starts[rank::world_size], desc="reference log-probs", unit="batch", disable=rank != 0):
         idx = list(range(start, min(start + batch_size, len(data.pairs))))
         batch = data.batch_of(idx)
         batch.pop("pair_index")
-        logps = sequence_logps(model, batch)
+        with placement.autocast() if placement is not None else nullcontext():
+            logps = sequence_logps(model, to_device(batch, device)).float().cpu()
         n = len(idx)
-        out.extend(zip(logps[:n].tolist(), logps[n:].tolist()))
-    model.train()
-    return out
+        mine[start] = list(zip(logps[:n].tolist(), logps[n:].tolist()))
+    if world_size > 1:
+        parts: list[dict | None] = [None] * world_size
+        torch.distributed.all_gather_object(parts, mine)
+        mine = {start: values for part in parts for start, values in part.items()}
+    model.to(where).train()
+    return [pair for start in starts for pair in mine[start]]
+
+
+def write_reference(ref_file: Path, values: list[tuple[float, float]]) -> None:
+    """reference_logps.json, atomically (a killed write leaves none, never half a file)."""
+    ref_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ref_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(values))
+    tmp.replace(ref_file)
+
+
+def cached_reference(model, data: PairData, ref_file: Path, placement: Placement) -> list[tuple[float, float]]:
+    """The reference log-probs from `ref_file`, or computed once and written there: under several processes
+    (WORLD_SIZE > 1, the process group already up) sharded over the ranks and gathered, written by rank 0 alone;
+    every rank returns the full list."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world_size = ((torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed
+                        else (0, 1))
+    cached = [ref_file.is_file()]
+    if world_size > 1:  # rank 0's view decides for all
+        torch.distributed.broadcast_object_list(cached, src=0)
+    if cached[0]:
+        return [tuple(x) for x in json.loads(ref_file.read_text())]
+    values = reference_logps(model, data, placement=placement, rank=rank, world_size=world_size)
+    if rank == 0:
+        write_reference(ref_file, values)
+    if world_size > 1:
+        torch.distributed.barrier()  # no rank goes on (or ends) before the file is in place
+    return [tuple(x) for x in values]
 
 
 def train_dpo(stage: dict, model_dir: str, pairs_path: str, data_root: str, out_dir: str, state_root: str,
               run_info: dict) -> dict:
-    """DPO from the stage-2 model (policy initialised from it, reference = it, frozen, log-probs cached)."""
+    """DPO from the stage-2 model (policy initialised from it, reference = it, frozen, log-probs cached).
+
+    The stage's gpus and precision place the reference pass and the training (fac.devices.resolve); under
+    torchrun (WORLD_SIZE > 1) the process group comes up first and the reference pass is shared among the ranks."""
+    from fac.train.distributed import init_process_group, stage_placement
     from fac.train.stages import _identity, _save_with_tokenizer, load_tokenizer, resolve_steps
 
+    placement = stage_placement("stage dpo", stage.get("backend", "torch"), stage.get("gpus", 0),
+                                stage.get("precision", "fp32"))
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        init_process_group(placement.on_gpu)  # idempotent: the DeepSpeed engine finds it up
     model = load_checkpoint(model_dir)
     tokenizer = load_tokenizer(model_dir)
     special = SpecialIds.from_tokenizer(tokenizer, model.config)
@@ -341,14 +401,7 @@ def train_dpo(stage: dict, model_dir: str, pairs_path: str, data_root: str, out_
     # The reference log-probs cached here belong to this stage-2 checkpoint and these pairs (content hashes).
     state_dir = Path(state_root) / f"dpo-{fingerprint(stage, files_identity(pairs_path), _identity(model_dir))}"
     ref_file = state_dir / "reference_logps.json"
-    if ref_file.is_file():
-        data.ref = [tuple(x) for x in json.loads(ref_file.read_text())]
-    else:
-        data.ref = reference_logps(model, data)
-        state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = ref_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data.ref))
-        tmp.replace(ref_file)
+    data.ref = cached_reference(model, data, ref_file, placement)
     if len(data.ref) != len(data.pairs):
         raise RuntimeError(f"{ref_file}: {len(data.ref)} reference log-probs for {len(data.pairs)} pairs; delete it")
     dims = sorted({p["dimension"] for p in data.pairs})

@@ -353,7 +353,9 @@ def word_error_rate_of(model: CTCRecognizer, data: TranscriptData, tokenizer, ba
         for start in range(0, len(data.records), batch_size):
             idx = list(range(start, min(start + batch_size, len(data.records))))
             batch = data.batch_of(idx)
-            for i, ids in zip(idx, model.greedy(batch["input_features"], batch["feature_attention_mask"])):
+            device = next(model.parameters()).device  # the GPU the torch backend trained on, or the CPU
+            for i, ids in zip(idx, model.greedy(batch["input_features"].to(device),
+                                                batch["feature_attention_mask"].to(device))):
                 refs.append(tokenizer.decode(data.targets[i]).strip())
                 hyps.append(tokenizer.decode(ids).strip())
     model.train()

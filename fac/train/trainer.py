@@ -154,16 +154,19 @@ class Trainer:
         self.state_dir = Path(state_dir)
         self.name = name
         self.run_info = run_info or {}
-        if cfg.precision != "fp32" and not torch.cuda.is_available():
-            log.warning("%s: precision %s requested without a GPU; training in fp32", name, cfg.precision)
-        # The torch backend trains on the GPU when there is one (weights and optimizer state in fp32, the
-        # forward under autocast for bf16/fp16); DeepSpeed places the model itself.
-        self.device = torch.device("cuda") if cfg.backend == "torch" and torch.cuda.is_available() else None
+        if cfg.backend not in ("torch", "deepspeed"):
+            raise ValueError(f"{name}: backend must be 'torch' or 'deepspeed'; got {cfg.backend!r}")
+        from fac.train.distributed import stage_placement
+
+        # The stage's gpus and precision decide (fac.devices.resolve): gpus 0 trains on CPU in fp32, gpus 1 on the
+        # GPU (weights and optimizer state in fp32, the forward under autocast for bf16/fp16); a machine that cannot
+        # give what the stage asks for is a ValueError here, before anything trains. DeepSpeed places the model.
+        self.placement = stage_placement(f"stage {name}", cfg.backend, cfg.gpus, cfg.precision)
+        self.device = self.placement.device if cfg.backend == "torch" and self.placement.on_gpu else None
         if self.device is not None:
             model.to(self.device)
-        self.autocast_dtype = ({"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-                               if self.device is not None else None)
-        self.grad_scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        fp16 = self.device is not None and self.placement.dtype == torch.float16
+        self.grad_scaler = torch.amp.GradScaler("cuda") if fp16 else None
         self.trainable, self.total = set_trainable(model, cfg.trainable)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -178,8 +181,6 @@ class Trainer:
             from fac.train.distributed import DeepSpeedBackend
 
             self.ds = DeepSpeedBackend(model, self.optimizer, self.scheduler, cfg, name)
-        elif cfg.backend != "torch":
-            raise ValueError(f"{name}: backend must be 'torch' or 'deepspeed'; got {cfg.backend!r}")
         self.rank, self.world_size = (self.ds.rank, self.ds.world_size) if self.ds else (0, 1)
         self.step = 0
         self.history: list[dict] = []
@@ -270,7 +271,7 @@ class Trainer:
                 elif isinstance(batch, dict) and isinstance(batch.get("position_ids"), torch.Tensor):
                     tokens += packed_tokens(batch["position_ids"])
                 if self.ds is None:
-                    with torch.autocast("cuda", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                    with self.placement.autocast():
                         loss, parts = self.loss_fn(self.model, to_device(batch, self.device))
                 else:
                     loss, parts = self.loss_fn(self.ds.engine, self.ds.to_device(batch))
