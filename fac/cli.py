@@ -120,9 +120,12 @@ def _train_placement(args):
     (fac.devices.resolve): a job without the GPUs it asked for fails in seconds with one line. A training stage's
     gpus and precision are its params'; `preferences` takes --gpus and --precision. Returns the placement of
     `preferences` (None for the other stages)."""
-    if args.stage != "preferences" and (args.gpus is not None or args.precision is not None):
-        raise ValueError(f"--gpus and --precision are for `fac train preferences`; stage {args.stage} takes gpus "
-                         "and precision from its params")
+    if args.stage != "preferences" and (args.gpus is not None or args.precision is not None
+                                        or args.batch_size is not None):
+        raise ValueError(f"--gpus, --precision and --batch-size are for `fac train preferences`; stage {args.stage} "
+                         "takes gpus, precision and batches from its params")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1; got {args.batch_size}")
     if args.stage == "preferences":
         return _one_process_placement("preferences", args.gpus or 0, args.precision or "fp32")
     if args.stage in TRAINING_STAGES:
@@ -150,7 +153,8 @@ def _train(args) -> None:
 
         summary = build_preferences(args.model, args.manifests, args.data_root, args.world, args.out,
                                     seed=p.get("seed", 0), max_per_dimension=p["stage"].get("max_pairs_per_dimension"),
-                                    placement=getattr(args, "placement", None) or _train_placement(args))
+                                    placement=getattr(args, "placement", None) or _train_placement(args),
+                                    batch_size=args.batch_size or 16)
     elif args.stage == "dpo":
         from fac.train.dpo import train_dpo
 
@@ -186,7 +190,10 @@ def _eval(args) -> None:
     _threads(args)
     if not args.world and not args.sets:
         raise SystemExit("fac eval: give --world (source world) or --sets (source manifests)")
-    metrics = evaluate(args.stage, args.model, args.world, args.manifests, args.data_root, args.sets, placement)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1; got {args.batch_size}")
+    metrics = evaluate(args.stage, args.model, args.world, args.manifests, args.data_root, args.sets, placement,
+                       args.batch_size)
     write_json(metrics, args.out)
     print(json.dumps(metrics))
 
@@ -277,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "visible GPU; training stages take gpus from their params")
     train.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                        help="preferences only: fp32 (default), or bf16/fp16 autocast on GPU")
+    train.add_argument("--batch-size", type=int, help="preferences only: answers per left-padded generation batch "
+                                                      "(default 16; each exactly its one-at-a-time answer)")
     train.set_defaults(func=_train)
 
     merge = sub.add_parser("merge", help="M = alpha * OTHER + (1 - alpha) * BASE (Core-Cocktail merge)")
@@ -294,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sets", nargs="+", help="source manifests: the evaluation manifests (params data.eval)")
     ev.add_argument("--threads", type=int)
     ev.add_argument("--gpus", type=int, default=0, help="0 (default): evaluate on CPU; 1: on the first visible GPU")
+    ev.add_argument("--batch-size", type=int, default=16,
+                    help="questions per left-padded generation batch (each answer exactly its batch-of-one answer)")
     ev.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                     help="fp32 (default), or bf16/fp16 autocast on GPU")
     ev.set_defaults(func=_eval)

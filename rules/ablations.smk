@@ -92,6 +92,7 @@ rule ablation_eval:
         data=eval_data_flags,
         root=data_root,
         placement=lambda wildcards: eval_placement(wildcards.stage),
+        batch=eval_batch_flag,
     threads: group_threads("eval")
     resources:
         **group_resources("eval"),
@@ -101,7 +102,8 @@ rule ablation_eval:
         f"{LOGS}/ablations/eval_{{variant}}_{{stage}}.log",
     shell:
         "fac eval --stage {wildcards.variant}/{wildcards.stage} --model {input.model} {params.data}"
-        " --data-root {params.root} --out {output} {params.placement} --threads {threads} 2> {log}"
+        " --data-root {params.root} --out {output} {params.placement} {params.batch} --threads {threads}"
+        " 2> {log}"
 
 
 rule ablations:

@@ -157,6 +157,11 @@ def eval_placement(stage):
     return f"--gpus {group_resources('eval')['gpu']} --precision {precision}"
 
 
+def eval_batch_flag(wildcards):
+    """Questions per left-padded generation batch of an evaluation (params `evaluation.batch_size`)."""
+    return f"--batch-size {int((config.get('evaluation') or {}).get('batch_size', 16))}"
+
+
 def folder_of(key):
     """A params function: the folder holding output `key` (derived from the output, not hard-coded)."""
 

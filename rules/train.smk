@@ -148,6 +148,7 @@ if WORLD:  # source manifests: the user's preference file, taken in by rule mani
             manifests=input_folder_of("manifests"),
             root=data_root,
             placement=eval_placement("stage2"),  # it generates with the stage-2 model
+            batch=eval_batch_flag,
         threads: group_threads("eval")
         resources:
             **group_resources("eval"),
@@ -160,7 +161,7 @@ if WORLD:  # source manifests: the user's preference file, taken in by rule mani
         shell:
             "fac train preferences --params {params.cfg} --model {input.model} --world {params.world}"
             " --manifests {params.manifests} --data-root {params.root} --out {output} {params.placement}"
-            " --threads {threads} 2> {log}"
+            " {params.batch} --threads {threads} 2> {log}"
 
 
 rule dpo:
@@ -200,6 +201,7 @@ rule evaluate:
         data=eval_data_flags,
         root=data_root,
         placement=lambda wildcards: eval_placement(wildcards.stage),
+        batch=eval_batch_flag,
     threads: group_threads("eval")
     resources:
         **group_resources("eval"),
@@ -211,7 +213,8 @@ rule evaluate:
         f"{BENCH}/eval/{{stage}}.tsv"
     shell:
         "fac eval --stage {wildcards.stage} --model {input.model} {params.data}"
-        " --data-root {params.root} --out {output} {params.placement} --threads {threads} 2> {log}"
+        " --data-root {params.root} --out {output} {params.placement} {params.batch} --threads {threads}"
+        " 2> {log}"
 
 
 rule metrics:

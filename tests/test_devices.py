@@ -118,7 +118,7 @@ def test_fac_train_checks_in_process_and_never_starts_torchrun_for_a_stage_it_ca
 def test_gpus_and_precision_options_are_for_preferences_only(tmp_path, capsys):
     assert main(["train", "prealign", "--params", json.dumps({"stage": {"steps": 1, "lr": 1e-3}}), "--gpus", "0",
                  "--out", str(tmp_path / "out")]) == 2
-    assert "--gpus and --precision are for `fac train preferences`" in capsys.readouterr().err
+    assert "--gpus, --precision and --batch-size are for `fac train preferences`" in capsys.readouterr().err
 
 
 def test_fac_train_init_never_starts_torchrun(monkeypatch, tmp_path):
@@ -228,6 +228,16 @@ def fac_preferences(world, model_dir, inputs, out, *options) -> int:
     return main(["train", "preferences", "--params", json.dumps(params), "--model", str(model_dir),
                  "--world", str(inputs["world"]), "--manifests", str(inputs["manifests"]),
                  "--data-root", str(world.data_root), "--out", str(out), *options])
+
+
+def test_preferences_built_in_batches_equal_those_built_one_at_a_time(tiny_world, drsr_dir, tmp_path, monkeypatch):
+    """Batched greedy answers (left-padded, evaluation.batch_size) change nothing in the pairs: the same file."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    inputs = preference_inputs(tiny_world, tmp_path)
+    assert fac_preferences(tiny_world, drsr_dir, inputs, tmp_path / "one.jsonl", "--batch-size", "1") == 0
+    assert fac_preferences(tiny_world, drsr_dir, inputs, tmp_path / "five.jsonl", "--batch-size", "5") == 0
+    pairs = (tmp_path / "one.jsonl").read_text()
+    assert pairs == (tmp_path / "five.jsonl").read_text() and len(pairs.splitlines()) > 5
 
 
 def test_preferences_with_gpus_0_fp32_generate_on_the_cpu_in_float32_in_one_process(tiny_world, drsr_dir, tmp_path,

@@ -1,5 +1,6 @@
-"""Generation: the KV-cached loop equals a full recomputation, seeded sampling is reproducible, and
-speech-to-text mode decodes greedily like the training forward and emits no speech."""
+"""Generation: the KV-cached loop equals a full recomputation, seeded sampling is reproducible,
+speech-to-text mode decodes greedily like the training forward and emits no speech, and every row of a left-padded
+batch generates what it generates alone."""
 
 import os
 
@@ -12,6 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from fac.model import FunAudioChatForConditionalGeneration
+from fac.model.generation import _first_group_with, generate_each
+from fac.model.processing import SpecialIds, collate_prompts
 
 from conftest import CONFORMANCE_DIR  # noqa: E402
 
@@ -85,3 +88,33 @@ def test_generation_stops_at_the_text_eos(model, prompt):
     eos = first.text_ids[0, 1].item()  # pretend the second generated token is the end of the turn
     out = model.generate_speech_text(**prompt, mode="s2t", max_new_tokens=8, eos_token_id=eos)
     assert out.text_ids.shape[1] == 2 and out.text_ids[0, -1].item() == eos
+
+
+def with_longer_system_prompt(prompt: dict, extra: int) -> dict:
+    """The fixture's prompt with `extra` more text tokens in its system turn (after `<|im_start|>system\\n`)."""
+    ids = prompt["input_ids"]
+    words = ids[:, 3:3 + extra]  # text of the system prompt ("Hello!")
+    longer = torch.cat([ids[:, :3], words, ids[:, 3:]], dim=1)
+    return {**prompt, "input_ids": longer, "attention_mask": torch.ones_like(longer)}
+
+
+@pytest.mark.parametrize("mode", ["s2t", "s2m"])
+def test_every_row_of_a_left_padded_batch_generates_what_it_generates_alone(model, prompt, mode):
+    """Greedy, both modes: three prompts of different lengths (and budgets) in one left-padded batch (the LLM and
+    the SRH get the attention mask and the positions padding requires), each answer token for token equal to its
+    batch of one: the text of the steps it runs alone, the speech up to its first eos group."""
+    prompts = [prompt, with_longer_system_prompt(prompt, 3), with_longer_system_prompt(prompt, 6)]
+    special = SpecialIds.from_config(model.config, system_prefix=(), user_prefix=(), assistant_prefix=(),
+                                     turn_suffix=())
+    batch = collate_prompts(prompts, special)
+    assert batch["input_ids"].shape[0] == 3 and (batch["attention_mask"] == 0).sum() == 6 + 3
+    budgets = [16, 9, 12]
+    together = generate_each(model, prompts, special, mode=mode, budgets=budgets, batch_size=3)
+    g, speech_eos = model.config.audio_config.group_size, model.config.audio_config.eos_token_id
+    spoken = 0
+    for (text, speech), one, budget in zip(together, prompts, budgets):
+        alone = model.generate_speech_text(**one, mode=mode, max_new_tokens=budget)
+        assert text == alone.text_ids[0].tolist()
+        assert speech == _first_group_with(alone.speech_ids[0].tolist(), speech_eos, g)
+        spoken += len(speech)
+    assert (spoken > 0) == (mode == "s2m")

@@ -46,6 +46,7 @@ READERS = {
     "threads": ("rules/common.smk", '.get("cpus", config["threads"])'),
     **{f"resources.{group}.{key}": ("rules/common.smk", f'"{key}": int(section["{key}"])')
        for group in ("data", "eval", "models", "default") for key in ("mem_mb", "runtime")},
+    "evaluation.batch_size": ("rules/common.smk", "(config.get('evaluation') or {}).get('batch_size', 16)"),
     "resources.eval.gpus": ("rules/common.smk", 'out["gpu"] = int(section.get("gpus", 0))'),
     "model.geometry": ("fac/model/builders.py", 'params.pop("geometry", None)'),
     "model.speech.group_size": ("rules/common.smk", 'model["speech"]["group_size"]'),

@@ -135,6 +135,23 @@ def test_changing_what_a_job_asks_the_scheduler_for_reruns_nothing(micro_run):
     assert planned_jobs(snakemake(micro_run, "-n", overlays=overlay(micro_run, text))) == {}
 
 
+@pytest.mark.parametrize("stage", ["stage2", "dpo"])
+def test_batched_evaluation_scores_exactly_as_one_question_at_a_time(micro_run, tmp_path, stage):
+    """`evaluation.batch_size` changes how fast, never what: every metric of a trained stage (spoken QA, noisy and
+    unseen voices, emotion, empathy, instruction following) equals the one-at-a-time evaluation's."""
+    results = micro_run / "results/micro"
+    scores = {}
+    for batch in (1, 7):
+        out = tmp_path / f"batch{batch}.json"
+        subprocess.run([str(BIN / "fac"), "eval", "--stage", stage, "--model", str(results / f"checkpoints/{stage}"),
+                        "--world", str(results / "data/world"), "--manifests", str(results / "data/manifests"),
+                        "--data-root", str(results / "data"), "--out", str(out), "--batch-size", str(batch),
+                        "--threads", "2"], check=True, capture_output=True, text=True, env=env(), cwd=micro_run)
+        scores[batch] = {k: v for k, v in json.loads(out.read_text()).items() if not k.startswith("train_")}
+    assert scores[1] == scores[7]
+    assert {"spoken_qa_acc", "spoken_qa_acc_noisy", "emotion_acc", "empathy_acc", "instruction_acc"} <= set(scores[1])
+
+
 def test_whole_dag_writes_per_stage_metrics(micro_run):
     metrics = json.loads((micro_run / "results/micro/metrics.json").read_text())
     assert list(metrics) == ["base_llm", "init", "prealign", "stage1", "merged", "stage2", "dpo", "encoder"]

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM
 from fac.data.text_tokenizer import AUDIO_QUESTION_PROMPT, SYSTEM_PROMPTS
 from fac.devices import CPU, Placement, device_of, to_device
 from fac.model import load_checkpoint
+from fac.model.generation import generate_each
 from fac.model.processing import IGNORE_INDEX, SpecialIds, collate
 from fac.train.data import FeatureCache, SpokenData, SpokenRecord, chat_ids, encode_text, load_records
 from fac.train.stages import load_tokenizer
@@ -67,16 +68,29 @@ def text_qa_accuracy(llm, tokenizer, world_dir: str | Path, batch_size: int = 64
     return correct / len(qa)
 
 
+def answers(model, data: SpokenData, records: list, desc: str, mode: str, budgets: list[int], batch_size: int,
+            system: str | None = None) -> list[tuple[list[int], list[int]]]:
+    """Greedy (text ids, speech ids) of the model's answer to each record, `batch_size` records per left-padded batch
+    (fac.model.generation.generate_each: each exactly its batch-of-one answer), with a progress bar. Prompts are
+    built a window of 8 batches at a time, batched by length within it."""
+    out, window = [], 8 * batch_size
+    bar = tqdm(total=len(records), desc=desc, unit="q")
+    for start in range(0, len(records), window):
+        chunk = records[start:start + window]
+        out += generate_each(model, [data.prompt(rec, system) for rec in chunk], data.special, mode=mode,
+                             budgets=budgets[start:start + window], batch_size=batch_size)
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
 @torch.no_grad()
-def spoken_qa_accuracy(model, data: SpokenData, name: str, tokenizer) -> float:
+def spoken_qa_accuracy(model, data: SpokenData, name: str, tokenizer, batch_size: int = 16) -> float:
     """Greedy text answer to each spoken question of manifest `name`; correct when its first word is the value."""
     model.eval()
     records = data.records[name]
-    correct = 0
-    for rec in tqdm(records, desc=f"spoken QA {name}", unit="q"):
-        prompt = to_device(data.prompt(rec), device_of(model))
-        out = model.generate_speech_text(**prompt, mode="s2t", max_new_tokens=3)
-        correct += first_word(tokenizer, out.text_ids[0].tolist()) == rec.meta["answer"]
+    said = answers(model, data, records, f"spoken QA {name}", "s2t", [3] * len(records), batch_size)
+    correct = sum(first_word(tokenizer, text) == rec.meta["answer"] for rec, (text, _) in zip(records, said))
     return correct / len(records)
 
 
@@ -84,20 +98,18 @@ NOISY_TEST = "spoken_qa_test_snr10"  # the test facts' questions with noise at 1
 
 
 @torch.no_grad()
-def paralinguistic_accuracy(model, data: SpokenData, name: str, tokenizer) -> dict:
+def paralinguistic_accuracy(model, data: SpokenData, name: str, tokenizer, batch_size: int = 16) -> dict:
     """Emotion clips (neutral words; emotion carried by rate, pitch and loudness only):
     `emotion_acc`: asked how the speaker sounds, the first word is the emotion (audio understanding);
     `empathy_acc`: the spoken reply's text (generated with its speech, as trained) fits the emotion (voice empathy)."""
     model.eval()
     records = data.records[name]
-    emotion = empathy = 0
-    for rec in tqdm(records, desc=f"paralinguistic {name}", unit="clip"):
-        asked = model.generate_speech_text(**to_device(data.prompt(rec, AUDIO_QUESTION_PROMPT), device_of(model)),
-                                           mode="s2t", max_new_tokens=3)
-        emotion += first_word(tokenizer, asked.text_ids[0].tolist()) == rec.meta["emotion"]
-        reply = model.generate_speech_text(**to_device(data.prompt(rec), device_of(model)), mode="s2m",
-                                           max_new_tokens=8)
-        empathy += tokenizer.decode(reply.text_ids[0].tolist(), skip_special_tokens=True).strip() == rec.meta["reply"]
+    asked = answers(model, data, records, f"emotion {name}", "s2t", [3] * len(records), batch_size,
+                    AUDIO_QUESTION_PROMPT)
+    replies = answers(model, data, records, f"empathy {name}", "s2m", [8] * len(records), batch_size)
+    emotion = sum(first_word(tokenizer, text) == rec.meta["emotion"] for rec, (text, _) in zip(records, asked))
+    empathy = sum(tokenizer.decode(text, skip_special_tokens=True).strip() == rec.meta["reply"]
+                  for rec, (text, _) in zip(records, replies))
     return {"emotion_acc": emotion / len(records), "empathy_acc": empathy / len(records)}
 
 
@@ -131,17 +143,17 @@ def spoken_reply_budget(styled_units: int, group_size: int) -> int:
 
 
 @torch.no_grad()
-def instruction_accuracy(model, data: SpokenData, name: str) -> dict:
+def instruction_accuracy(model, data: SpokenData, name: str, batch_size: int = 16) -> dict:
     """`instruction_acc`: share of styled questions whose generated spoken answer follows the style (by length);
     `instruct_length_ratio_<style>`: mean generated length over the answer's normal length, per style."""
     model.eval()
     audio_cfg = model.config.audio_config
     follows, ratios = 0, {}
     records = data.records[name]
-    for rec in tqdm(records, desc=f"instruction following {name}", unit="q"):
-        out = model.generate_speech_text(**to_device(data.prompt(rec), device_of(model)), mode="s2m",
-                                         max_new_tokens=spoken_reply_budget(len(rec.codes), audio_cfg.group_size))
-        units = len(spoken_units(out.speech_ids[0].tolist(), audio_cfg))
+    budgets = [spoken_reply_budget(len(rec.codes), audio_cfg.group_size) for rec in records]
+    said = answers(model, data, records, f"instruction following {name}", "s2m", budgets, batch_size)
+    for rec, (_, speech) in zip(records, said):
+        units = len(spoken_units(speech, audio_cfg))
         follows += follows_style(units, len(rec.codes), rec.meta["normal_units"])
         ratios.setdefault(rec.meta["style"], []).append(units / rec.meta["normal_units"])
     metrics = {"instruction_acc": follows / len(records)}
@@ -180,19 +192,23 @@ def answer_matches(reference: str, response: str) -> bool:
 
 
 @torch.no_grad()
-def answer_match_accuracy(model, data: SpokenData, name: str, tokenizer) -> float:
+def answer_match_accuracy(model, data: SpokenData, name: str, tokenizer, batch_size: int = 16) -> float:
     """Greedy answer to each record's last user turn (its earlier turns as history), in the record's own mode
     (speech and text when the reference reply is spoken); correct when the reference reply's text occurs in it."""
     model.eval()
     records = data.records[name]
     correct = 0
-    for rec in tqdm(records, desc=f"answer match {name}", unit="record"):
-        budget = len(encode_text(tokenizer, rec.text)) + 8
-        if rec.codes is not None:  # the text stream of a spoken reply runs one token per slot, then <|sil|>
-            budget = max(budget, spoken_reply_budget(len(rec.codes), model.config.audio_config.group_size))
-        out = model.generate_speech_text(**to_device(data.prompt(rec), device_of(model)),
-                                         mode="s2m" if rec.codes is not None else "s2t", max_new_tokens=budget)
-        correct += answer_matches(rec.text, tokenizer.decode(out.text_ids[0].tolist(), skip_special_tokens=True))
+    for spoken in (False, True):  # a spoken reference is answered in speech and text (s2m), a text one in text
+        chosen = [rec for rec in records if (rec.codes is not None) == spoken]
+        budgets = []
+        for rec in chosen:
+            budget = len(encode_text(tokenizer, rec.text)) + 8
+            if spoken:  # the text stream of a spoken reply runs one token per slot, then <|sil|>
+                budget = max(budget, spoken_reply_budget(len(rec.codes), model.config.audio_config.group_size))
+            budgets.append(budget)
+        said = answers(model, data, chosen, f"answer match {name}", "s2m" if spoken else "s2t", budgets, batch_size)
+        correct += sum(answer_matches(rec.text, tokenizer.decode(text, skip_special_tokens=True))
+                       for rec, (text, _) in zip(chosen, said))
     return correct / len(records)
 
 
@@ -234,7 +250,7 @@ WORLD_ONLY_METRICS = ["spoken_qa_acc", "spoken_qa_acc_unseen_voices", "text_qa_a
 
 
 def evaluate_sets(stage: str, model_dir: str, manifest_dir: str, data_root: str, sets: list[str],
-                  placement: Placement = CPU) -> dict:
+                  placement: Placement = CPU, batch_size: int = 16) -> dict:
     """Source manifests: what can be scored without the world, per evaluation set: `answer_match_<set>` (the
     reference reply's text in the model's answer), `speech_token_acc_<set>` (teacher-forced SRH accuracy on the
     spoken references), and for a plain LLM `text_answer_match_<set>` (asked the clips' transcripts). `skipped`
@@ -262,7 +278,7 @@ def evaluate_sets(stage: str, model_dir: str, manifest_dir: str, data_root: str,
                           model.config.audio_config.group_size)
         for name in sets:
             with placement.autocast():
-                metrics[f"answer_match_{name}"] = answer_match_accuracy(model, data, name, tokenizer)
+                metrics[f"answer_match_{name}"] = answer_match_accuracy(model, data, name, tokenizer, batch_size)
             spoken = [rec for rec in data.records[name] if rec.codes is not None]
             if spoken:
                 with placement.autocast():
@@ -284,14 +300,14 @@ class _TextSets:
 
 
 def evaluate(stage: str, model_dir: str, world_dir: str | None, manifest_dir: str, data_root: str,
-             sets: list[str] | None = None, placement: Placement = CPU) -> dict:
+             sets: list[str] | None = None, placement: Placement = CPU, batch_size: int = 16) -> dict:
     """All metrics that apply to a checkpoint: a plain LLM gets text QA only, a DRSR model everything. Without a
     world (data source manifests), `evaluate_sets` on the named evaluation manifests.
 
     The model runs on `placement` (fac.devices.resolve; `fac eval --gpus --precision`): moved to its device, its
     inputs too, generation and forward passes under autocast in its dtype on GPU; CPU fp32 by default."""
     if not world_dir:
-        return evaluate_sets(stage, model_dir, manifest_dir, data_root, sets or [], placement)
+        return evaluate_sets(stage, model_dir, manifest_dir, data_root, sets or [], placement, batch_size)
     tokenizer = load_tokenizer(model_dir)
     config = json.loads((Path(model_dir) / "config.json").read_text())
     if config.get("model_type") != "funaudiochat":
@@ -307,27 +323,28 @@ def evaluate(stage: str, model_dir: str, world_dir: str | None, manifest_dir: st
     data = SpokenData(manifest_dir, {n: 1.0 for n in names + optional}, features, tokenizer, special,
                       model.config.audio_config.group_size)
     with placement.autocast():
-        metrics = _world_metrics(model, data, tokenizer, world_dir, optional)
+        metrics = _world_metrics(model, data, tokenizer, world_dir, optional, batch_size)
     metrics.update(efficiency(model_dir))
     log.info("%s: %s", stage, metrics)
     return metrics
 
 
-def _world_metrics(model, data: SpokenData, tokenizer, world_dir: str, optional: list[str]) -> dict:
+def _world_metrics(model, data: SpokenData, tokenizer, world_dir: str, optional: list[str], batch_size: int) -> dict:
     """The world's metrics of a DRSR model (see `evaluate`)."""
     metrics = {
-        "spoken_qa_acc": spoken_qa_accuracy(model, data, "spoken_qa_test", tokenizer),
-        "spoken_qa_acc_unseen_voices": spoken_qa_accuracy(model, data, "spoken_qa_test_unseen_voices", tokenizer),
+        "spoken_qa_acc": spoken_qa_accuracy(model, data, "spoken_qa_test", tokenizer, batch_size),
+        "spoken_qa_acc_unseen_voices": spoken_qa_accuracy(model, data, "spoken_qa_test_unseen_voices", tokenizer,
+                                                          batch_size),
         "text_qa_acc": text_qa_accuracy(model.language_model, tokenizer, world_dir),
         "speech_token_acc": speech_token_accuracy(model, data, "spoken_qa_test"),
     }
     # One metric per DPO dimension: robustness, instruction following, audio understanding, empathy.
     if NOISY_TEST in optional:
-        metrics["spoken_qa_acc_noisy"] = spoken_qa_accuracy(model, data, NOISY_TEST, tokenizer)
+        metrics["spoken_qa_acc_noisy"] = spoken_qa_accuracy(model, data, NOISY_TEST, tokenizer, batch_size)
     if "paraling_test" in optional:
-        metrics.update(paralinguistic_accuracy(model, data, "paraling_test", tokenizer))
+        metrics.update(paralinguistic_accuracy(model, data, "paraling_test", tokenizer, batch_size))
     if INSTRUCT_TEST in optional:
-        metrics.update(instruction_accuracy(model, data, INSTRUCT_TEST))
+        metrics.update(instruction_accuracy(model, data, INSTRUCT_TEST, batch_size))
     return metrics
 
 

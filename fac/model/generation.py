@@ -99,7 +99,9 @@ class FunAudioChatGenerationMixin:
     ) -> FunAudioChatGenerateOutput:
         """Generate text ("s2t") or text and speech ("s2m") from a prompt ending with `<|im_start|>assistant\\n`.
 
-        Inputs are those of `forward` without labels and transcripts; prompts of a batch must be left-padded.
+        Inputs are those of `forward` without labels and transcripts; prompts of a batch must be left-padded
+        (`fac.model.processing.collate_prompts`): the LLM and the SRH both get the attention mask and positions that
+        count real tokens only, so every row generates what it would alone.
         The official inference settings are text greedy, speech sampled (`speech_do_sample=True,
         temperature=0.8, top_p=0.9, top_k=0, repetition_penalty=1.2`) and `force_text_abos=True` in "s2m".
         The sampling settings apply to the SRH, and to the text only when `text_do_sample`. Each speech group is
@@ -138,6 +140,10 @@ class FunAudioChatGenerationMixin:
         srh_text = text_embeds  # the SRH sees the raw text embedding, placeholders included
 
         llm, srh = _Stack(use_cache), _Stack(use_cache)
+        # The SRH's own mask and positions: each LLM position's G sub-frames are real where the position is (left
+        # padding is masked out and positions count real entries only, as for the LLM), so that a padded row of a
+        # batch computes what it computes alone.
+        srh_mask = attention_mask.repeat_interleave(g, dim=1)[:, : prompt_len * g - (g - 1)] if speech_on else None
         sequences = input_ids
         speech = input_ids.new_zeros(batch, 0)
         in_speech = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -182,7 +188,14 @@ class FunAudioChatGenerationMixin:
                         x = sub_frames[:, : new_len * g - (g - 1)] + prev_speech_embed
                     else:
                         x = sub_frames[:, new_len * g - (g - j)][:, None] + prev_speech_embed
-                    srh_logits, srh.cache = self.audio_invert_tower(srh.inputs(x), cache=srh.cache, use_cache=use_cache)
+                    if step > 0 or j > 0:  # this call's new entry (the prefill's came with the prompt's mask)
+                        srh_mask = torch.cat([srh_mask, srh_mask.new_ones(batch, 1)], dim=1)
+                    srh_inputs = srh.inputs(x)
+                    srh_positions = (srh_mask.cumsum(dim=1) - 1).masked_fill(srh_mask == 0, 1)
+                    srh_logits, srh.cache = self.audio_invert_tower(
+                        srh_inputs, srh_mask, srh_positions[:, -srh_inputs.shape[1]:], cache=srh.cache,
+                        use_cache=use_cache,
+                    )
                     sub_logits = srh_logits[:, -1].float()  # [B, C]
                     token = pick_token(
                         sub_logits, torch.cat([speech, *[t[:, None] for t in tokens]], dim=1),
@@ -219,3 +232,47 @@ class FunAudioChatGenerationMixin:
             text_logits=torch.stack(text_logits_all, dim=1) if output_logits else None,
             speech_logits=torch.stack(speech_logits_all, dim=1) if output_logits else None,
         )
+
+
+def _first_group_with(codes: list[int], end: int, group_size: int) -> list[int]:
+    """Speech ids up to and including the first group that holds `end` (all of them without one)."""
+    for start in range(0, len(codes), group_size):
+        if end in codes[start:start + group_size]:
+            return codes[: start + group_size]
+    return codes
+
+
+@torch.no_grad()
+def generate_each(model, prompts: list[dict], special_ids, *, mode: str, budgets: list[int],
+                  batch_size: int = 16) -> list[tuple[list[int], list[int]]]:
+    """Greedy answers to many prompts (`build_prompt` / `SpokenData.prompt`, a batch of one each), `batch_size` at a
+    time, left-padded (prompts of similar length batched together). Per prompt, in the given order, its text ids
+    and speech ids, equal to `generate_speech_text(**prompt, mode=mode, max_new_tokens=budget)` on it alone: the text
+    of the steps that run would run alone (its budget, or up to its text eos), and the speech of those steps up to
+    and including the first group that holds the speech eos (what a spoken answer is; s2m starts speaking at the
+    first step, `force_text_abos`)."""
+    if mode not in MODES:
+        raise ValueError(f"generate_each: mode must be one of {MODES}, got {mode!r}")
+    if len(budgets) != len(prompts):
+        raise ValueError(f"generate_each: {len(budgets)} budgets for {len(prompts)} prompts")
+    from .processing import collate_prompts
+
+    text_eos = model.config.text_config.eos_token_id
+    speech_eos, g = model.config.audio_config.eos_token_id, model.config.audio_config.group_size
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i]["input_ids"].shape[1])
+    answers: list[tuple[list[int], list[int]] | None] = [None] * len(prompts)
+    for start in range(0, len(order), max(1, batch_size)):
+        chosen = order[start:start + max(1, batch_size)]
+        batch = collate_prompts([prompts[i] for i in chosen], special_ids)
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        out = model.generate_speech_text(**batch, mode=mode, max_new_tokens=max(budgets[i] for i in chosen))
+        for row, i in enumerate(chosen):
+            text = out.text_ids[row].tolist()[: budgets[i]]
+            if text_eos in text:
+                text = text[: text.index(text_eos) + 1]
+            speech = []
+            if mode == "s2m":  # one group per step after the first, up to the first eos group
+                speech = _first_group_with(out.speech_ids[row].tolist()[: (len(text) - 1) * g], speech_eos, g)
+            answers[i] = (text, speech)
+    return answers

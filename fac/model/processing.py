@@ -298,3 +298,46 @@ def log_mel(
     out = extractor(clips, sampling_rate=sampling_rate, padding="longest", return_tensors="pt")
     features = out["input_features"].float()  # [N, n_mels, T]
     return features, _length_mask([len(c) // extractor.hop_length for c in clips], features.shape[-1])
+
+
+def collate_prompts(prompts: list[dict], special_ids: SpecialIds) -> dict:
+    """Prompts of `build_prompt` or `SpokenData.prompt` (a batch of one each) as one batch for
+    `generate_speech_text`: input_ids left-padded with text_pad (attention_mask 0 there), so that every row ends at
+    its "<|im_start|>assistant\\n"; the audio rows of every prompt, in order: speech ids right-padded with speech_pad
+    under their masks, features right-padded to the longest (feature_exist_mask says which audios have them)."""
+    ids = special_ids
+    width = max(p["input_ids"].shape[1] for p in prompts)
+    input_ids = torch.full((len(prompts), width), ids.text_pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        n = p["input_ids"].shape[1]
+        input_ids[row, width - n:] = p["input_ids"][0]
+        attention_mask[row, width - n:] = p["attention_mask"][0]
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "speech_ids": None,
+             "speech_attention_mask": None, "input_features": None, "feature_attention_mask": None,
+             "feature_exist_mask": None}
+    with_audio = [p for p in prompts if p.get("speech_ids") is not None]
+    if not with_audio:
+        return batch
+    speech_rows = [row for p in with_audio for row in p["speech_ids"]]
+    mask_rows = [row for p in with_audio for row in p["speech_attention_mask"]]
+    length = max(len(row) for row in speech_rows)
+    speech_ids = torch.full((len(speech_rows), length), ids.speech_pad, dtype=torch.long)
+    speech_mask = torch.zeros((len(speech_rows), length), dtype=torch.long)
+    for row, (speech, mask) in enumerate(zip(speech_rows, mask_rows)):
+        speech_ids[row, : len(speech)] = speech
+        speech_mask[row, : len(mask)] = mask
+    batch.update(speech_ids=speech_ids, speech_attention_mask=speech_mask,
+                 feature_exist_mask=torch.cat([p["feature_exist_mask"] for p in with_audio]))
+    features = [(f, m) for p in with_audio if p["input_features"] is not None
+                for f, m in zip(p["input_features"], p["feature_attention_mask"])]
+    if features:
+        frames = max(f.shape[1] for f, _ in features)
+        padded = torch.zeros((len(features), features[0][0].shape[0], frames), dtype=features[0][0].dtype)
+        lengths = []
+        for row, (f, m) in enumerate(features):
+            n = int(m.sum())
+            padded[row, :, :n] = f[:, :n]
+            lengths.append(n)
+        batch.update(input_features=padded, feature_attention_mask=_length_mask(lengths, frames))
+    return batch

@@ -118,35 +118,43 @@ def _spoken_replies(records: list[SpokenRecord]) -> dict[str, list[int]]:
 
 
 @torch.no_grad()
-def _generate_text(model, tokenizer, features: FeatureCache, rec: SpokenRecord, system: str, special, g,
-                   placement: Placement = CPU) -> str:
+def _generate_texts(model, tokenizer, features: FeatureCache, records: list[SpokenRecord], system: str, special, g,
+                    placement: Placement, batch_size: int, desc: str) -> list[str]:
+    """The model's greedy text answer (s2t, 6 tokens) to each record's clip under `system`, batched
+    (fac.model.generation.generate_each: each exactly its one-at-a-time answer)."""
+    from fac.model.generation import generate_each
     from fac.model.processing import build_prompt
 
-    prompt = build_prompt(encode_text(tokenizer, system), features(rec.user_path), special, g)
+    prompts = [build_prompt(encode_text(tokenizer, system), features(rec.user_path), special, g)
+               for rec in tqdm(records, desc=f"{desc}: prompts", unit="clip")]
     with placement.autocast():
-        out = model.generate_speech_text(**to_device(prompt, device_of(model)), mode="s2t", max_new_tokens=6)
-    return tokenizer.decode(out.text_ids[0].tolist(), skip_special_tokens=True).strip()
+        said = generate_each(model, prompts, special, mode="s2t", budgets=[6] * len(prompts), batch_size=batch_size)
+    return [tokenizer.decode(text, skip_special_tokens=True).strip() for text, _ in said]
 
 
 @torch.no_grad()
-def _generate_units(model, tokenizer, features: FeatureCache, rec: SpokenRecord, special, g,
-                    placement: Placement = CPU) -> list[int]:
-    """The speech codes of the model's greedy spoken answer to a record, under the record's own system prompt."""
+def _generate_units(model, tokenizer, features: FeatureCache, records: list[SpokenRecord], special, g,
+                    placement: Placement, batch_size: int) -> list[list[int]]:
+    """The speech codes of the model's greedy spoken answer to each record, under the record's own system prompt."""
     from fac.eval.metrics import spoken_reply_budget, spoken_units
+    from fac.model.generation import generate_each
     from fac.model.processing import build_prompt
 
-    prompt = build_prompt(encode_text(tokenizer, rec.system), features(rec.user_path), special, g)
+    prompts = [build_prompt(encode_text(tokenizer, rec.system), features(rec.user_path), special, g)
+               for rec in tqdm(records, desc="instruction following: prompts", unit="q")]
+    budgets = [spoken_reply_budget(len(rec.codes), g) for rec in records]
     with placement.autocast():
-        out = model.generate_speech_text(**to_device(prompt, device_of(model)), mode="s2m",
-                                         max_new_tokens=spoken_reply_budget(len(rec.codes), g))
-    return spoken_units(out.speech_ids[0].tolist(), model.config.audio_config)
+        said = generate_each(model, prompts, special, mode="s2m", budgets=budgets, batch_size=batch_size)
+    return [spoken_units(speech, model.config.audio_config) for _, speech in said]
 
 
 def build_preferences(model_dir: str, manifest_dir: str, data_root: str, world_dir: str, out_path: str,
-                      seed: int = 0, max_per_dimension: int | None = None, placement: Placement = CPU) -> dict:
+                      seed: int = 0, max_per_dimension: int | None = None, placement: Placement = CPU,
+                      batch_size: int = 16) -> dict:
     """Preference pairs of the four dimensions from the model's own answers (a dimension whose training
     manifest is absent gets none), generated on `placement` (fac.devices.resolve; `fac train preferences --gpus
-    --precision`): its device, under autocast in its dtype on GPU."""
+    --precision`): its device, under autocast in its dtype on GPU; `batch_size` greedy answers per left-padded
+    batch, each exactly its one-at-a-time answer."""
     from fac.eval.metrics import follows_style
     from fac.train.stages import load_tokenizer
 
@@ -175,9 +183,12 @@ def build_preferences(model_dir: str, manifest_dir: str, data_root: str, world_d
         rng.shuffle(records)
         return records[:max_per_dimension] if max_per_dimension else records
 
-    for rec in tqdm(take(noisy), desc="preferences robustness", unit="clip"):
+    robust = take(noisy)
+    texts = _generate_texts(model, tokenizer, features, robust, SYSTEM_PROMPTS["s2t"], special, g, placement,
+                            batch_size, "preferences robustness")
+    for rec, said in zip(robust, texts):
         answer, attribute = rec.meta["answer"], qa[rec.meta["qa"]]["attribute"]
-        said = _generate_text(model, tokenizer, features, rec, SYSTEM_PROMPTS["s2t"], special, g, placement).split()
+        said = said.split()
         said = said[0] if said else ""
         wrong = said != answer and said in answer_codes
         rejected = said if wrong else rng.choice(sorted(values[attribute] - {answer}))
@@ -185,9 +196,12 @@ def build_preferences(model_dir: str, manifest_dir: str, data_root: str, world_d
         pairs.append(_pair("robustness", rec, SYSTEM_PROMPTS["s2m"], Reply(answer, answer_codes.get(answer)),
                            Reply(rejected, answer_codes.get(rejected)), said))
     emotions = sorted({rec.meta["emotion"] for rec in paraling})
-    for rec in tqdm(take(paraling), desc="preferences audio understanding", unit="clip"):
+    understood = take(paraling)
+    texts = _generate_texts(model, tokenizer, features, understood, AUDIO_QUESTION_PROMPT, special, g, placement,
+                            batch_size, "preferences audio understanding")
+    for rec, said in zip(understood, texts):
         emotion = rec.meta["emotion"]
-        said = _generate_text(model, tokenizer, features, rec, AUDIO_QUESTION_PROMPT, special, g, placement).split()
+        said = said.split()
         said = said[0] if said else ""
         wrong = said != emotion and said in emotions
         counts["audio_understanding"]["model_wrong"] += wrong
@@ -195,18 +209,21 @@ def build_preferences(model_dir: str, manifest_dir: str, data_root: str, world_d
         pairs.append(_pair("audio_understanding", rec, AUDIO_QUESTION_PROMPT, Reply(emotion, None),
                            Reply(rejected, None), said))
     replies = {rec.meta["emotion"]: rec.meta["reply"] for rec in paraling}
-    for rec in tqdm(take(paraling), desc="preferences empathy", unit="clip"):
+    empathic = take(paraling)
+    texts = _generate_texts(model, tokenizer, features, empathic, SYSTEM_PROMPTS["s2m"], special, g, placement,
+                            batch_size, "preferences empathy")
+    for rec, said in zip(empathic, texts):
         fitting = rec.meta["reply"]
-        said = _generate_text(model, tokenizer, features, rec, SYSTEM_PROMPTS["s2m"], special, g, placement)
         wrong = said != fitting and said in replies.values()
         counts["empathy"]["model_wrong"] += wrong
         rejected = said if wrong else replies[rng.choice([e for e in emotions if e != rec.meta["emotion"]])]
         pairs.append(_pair("empathy", rec, SYSTEM_PROMPTS["s2m"], Reply(fitting, reply_codes.get(fitting)),
                            Reply(rejected, reply_codes.get(rejected)), said))
     instruct = load("instruct_train") if (Path(manifest_dir) / "instruct_train.jsonl").is_file() else []
-    for rec in tqdm(take(instruct), desc="preferences instruction following", unit="q"):
+    styled = take(instruct)
+    spoken = _generate_units(model, tokenizer, features, styled, special, g, placement, batch_size)
+    for rec, units in zip(styled, spoken):
         answer = rec.meta["answer"]
-        units = _generate_units(model, tokenizer, features, rec, special, g, placement)
         follows = follows_style(len(units), len(rec.codes), rec.meta["normal_units"])
         counts["instruction_following"]["model_wrong"] += not follows
         if units and not follows:
