@@ -69,6 +69,8 @@ def reader_of(key: str):
     section, _, field = key.partition(".")
     if section in ("prealign", "stage1", "stage2", "dpo") and field in STAGE_FIELDS:
         return STAGE_FIELDS[field]
+    if section in ("base_llm", "encoder") and field.startswith("resources.") and field in STAGE_FIELDS:
+        return STAGE_FIELDS[field]
     return None
 
 
