@@ -82,10 +82,10 @@ def set_trainable(model: torch.nn.Module, prefixes: list[str]) -> tuple[int, int
 
 
 def to_device(batch, device):
-    """A batch dict's tensors on `device` (other values as they are); the batch itself when device is None."""
-    if device is None or not isinstance(batch, dict):
-        return batch
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """A batch's tensors on `device` (fac.devices.to_device); the batch itself when device is None (CPU training)."""
+    from fac.devices import to_device as on_device
+
+    return batch if device is None else on_device(batch, device)
 
 
 def fingerprint(*parts) -> str:
