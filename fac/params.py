@@ -5,6 +5,7 @@ Errors name the file and the dotted key, so a misspelt key or a wrong value stop
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import jsonschema
@@ -159,3 +160,82 @@ def load(paths: list[str | Path]) -> dict:
     for path in paths:
         config = merge(config, read_yaml(path))
     return validate(config, origin=" + ".join(str(p) for p in paths))
+
+
+
+# The params only the model half reads (training, merge, evaluation, report, what jobs ask a scheduler for). Every
+# other section (the data source, the world, the tokenizers, synthesis, ASR, noise, manifests, the seed, and any
+# section added later) belongs to the data half.
+MODEL_HALF_SECTIONS = frozenset({"experiment", "threads", "resources", "evaluation", "model", "init", "base_llm",
+                                 "encoder", "prealign", "stage1", "merge", "stage2", "dpo", "ablations"})
+DATA_RECORD = ".fac-data-params.json"  # in a data folder: the data-half params it is built (or being built) for
+LENDER_RECORD = "data.from"  # in an experiment whose data are another's: that experiment's name
+
+
+def data_half(config: dict) -> dict:
+    """The params the data half's rules read: the config without the model half's sections."""
+    return {key: value for key, value in config.items() if key not in MODEL_HALF_SECTIONS}
+
+
+def _canonical(section: dict) -> str:
+    import json
+
+    return json.dumps(section, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def data_record(config: dict) -> str:
+    """What a data folder's DATA_RECORD holds for this config."""
+    return _canonical(data_half(config)) + "\n"
+
+
+def _recorded(folder: Path) -> str | None:
+    try:
+        return (folder / DATA_RECORD).read_text()
+    except OSError:
+        return None
+
+
+def data_folder(results_root: str, experiment: str, config: dict) -> tuple[str, bool]:
+    """The folder an experiment's data half is built in, and whether it is the experiment's own.
+
+    An experiment's own `results/<exp>/data` when it has one (a changed data param then reruns, in place, only what
+    it touches); else the data folder of another experiment built for exactly the same data-half params (its
+    DATA_RECORD), so that experiments that differ only in the model half (a grouping k, a stage's steps or seed)
+    compute no data twice; else its own, new. A link `results/<exp>/data` to a folder whose record no longer
+    matches (the other experiment changed its data params since) is stale: it is removed here and the experiment
+    gets data of its own."""
+    own = Path(results_root) / experiment / "data"
+    wanted = data_record(config)
+    if own.is_dir() and not own.is_symlink():
+        return own.as_posix(), True
+    if own.is_symlink():
+        target = Path(os.path.normpath(own.parent / os.readlink(own)))
+        if _recorded(target) == wanted:
+            return target.as_posix(), False
+        own.unlink()
+    for candidate in sorted(Path(results_root).glob("*/data")):
+        if candidate != own and candidate.is_dir() and not candidate.is_symlink() and _recorded(candidate) == wanted:
+            return candidate.as_posix(), False
+    return own.as_posix(), True
+
+
+def claim_data_folder(results_root: str, experiment: str, config: dict, folder: str, own: bool) -> None:
+    """When jobs are about to run: an own folder records the params it is being built for; a borrowed one is linked
+    from `results/<exp>/data` (relative, replaced atomically), so the experiment's data are where they always are."""
+    link = Path(results_root) / experiment / "data"
+    lender = link.parent / LENDER_RECORD
+    if own:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        tmp = Path(folder) / f"{DATA_RECORD}.tmp{os.getpid()}"
+        tmp.write_text(data_record(config))
+        os.replace(tmp, Path(folder) / DATA_RECORD)
+        lender.unlink(missing_ok=True)
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    lender.write_text(Path(folder).parent.name + "\n")  # fac.version saves that experiment with this one
+    target = os.path.relpath(folder, link.parent)
+    if link.is_symlink() and os.readlink(link) == target:
+        return
+    tmp = link.parent / f".data.tmp{os.getpid()}"
+    os.symlink(target, tmp)
+    os.replace(tmp, link)

@@ -1,5 +1,6 @@
 """Versioned experiments: an experiment's outputs (results/<exp>/, resume points and wandb runs excepted)
-are one DVC-tracked folder, `results/<exp>.dvc` in git; its metrics.json is a DVC metric and the params
+are one DVC-tracked folder, `results/<exp>.dvc` in git (with the folder of the experiment whose data it uses,
+when its `data` is a link to another's); its metrics.json is a DVC metric and the params
 files DVC params, so `dvc metrics diff`, `dvc params diff` and `dvc exp show` compare experiments across
 git revisions.
 
@@ -74,28 +75,61 @@ def check_remote(repo: Path, remote: str | None) -> None:
                              "save experiments to a remote outside it: dvc remote add store /path, then --remote store")
 
 
+def lender(repo: Path, experiment: str) -> str | None:
+    """The experiment whose data folder this one uses (`results/<exp>/data.from`, written by the workflow when it
+    links `results/<exp>/data` to another experiment's data), or None when its data are its own."""
+    record = repo / "results" / experiment / "data.from"
+    return record.read_text().strip() if record.is_file() else None
+
+
 def save(repo: str | Path, experiment: str, remote: str | None = None) -> str:
+    """Save the experiment's folder; one whose data are another experiment's (a link, which DVC does not follow)
+    saves that experiment's folder too, so that a restore has the data."""
     repo = Path(repo)
     check_remote(repo, remote)
     folder = repo / "results" / experiment
     if not (folder / "metrics.json").is_file():
         raise FileNotFoundError(f"{folder}/metrics.json: the experiment has no metrics yet (run the workflow first)")
+    experiments = [experiment]
+    other = lender(repo, experiment)
+    if other:
+        if not (repo / "results" / other / "data").is_dir():
+            raise FileNotFoundError(f"{folder}/data.from: the experiment's data are experiment {other!r}'s, but "
+                                    f"{repo / 'results' / other / 'data'} is missing")
+        experiments.append(other)
     declare(repo, experiment)
     dvc = _tool("dvc")
-    _run([dvc, "add", "-q", f"results/{experiment}"], repo)
+    _run([dvc, "add", "-q", *[f"results/{name}" for name in experiments]], repo)
+    pointers = [f"results/{name}.dvc" for name in experiments]
     # DVC writes results/.gitignore only when git does not already ignore the folder.
-    staged = [p for p in (f"results/{experiment}.dvc", "results/.gitignore", "dvc.yaml", ".dvcignore")
-              if (repo / p).is_file()]
+    staged = [p for p in (*pointers, "results/.gitignore", "dvc.yaml", ".dvcignore") if (repo / p).is_file()]
     _run(["git", "add", *staged], repo)
-    _run([dvc, "push", "-q", *(["-r", remote] if remote else []), f"results/{experiment}.dvc"], repo)
-    return f"results/{experiment}.dvc"
+    _run([dvc, "push", "-q", *(["-r", remote] if remote else []), *pointers], repo)
+    return " ".join(pointers)
 
 
-def restore(repo: str | Path, experiment: str, remote: str | None = None, snakemake_args: list[str] | None = None):
+def pull(repo: str | Path, experiment: str, remote: str | None = None) -> list[str]:
+    """Pull the experiment's folder, and the folder of the experiment whose data it uses; returns the pointers."""
     repo = Path(repo)
     pointer = repo / "results" / f"{experiment}.dvc"
     if not pointer.is_file():
         raise FileNotFoundError(f"{pointer}: this revision has no saved experiment {experiment!r}")
-    _run([_tool("dvc"), "pull", *(["-r", remote] if remote else []), str(pointer.relative_to(repo))], repo)
+    flags = ["-r", remote] if remote else []
+    pulled = [str(pointer.relative_to(repo))]
+    _run([_tool("dvc"), "pull", *flags, pulled[0]], repo)
+    other = lender(repo, experiment)
+    if other:
+        data_pointer = repo / "results" / f"{other}.dvc"
+        if not data_pointer.is_file():
+            raise FileNotFoundError(f"{data_pointer}: experiment {experiment!r} uses experiment {other!r}'s data, "
+                                    "which this revision did not save")
+        pulled.append(str(data_pointer.relative_to(repo)))
+        _run([_tool("dvc"), "pull", *flags, pulled[-1]], repo)
+    return pulled
+
+
+def restore(repo: str | Path, experiment: str, remote: str | None = None, snakemake_args: list[str] | None = None):
+    repo = Path(repo)
+    pull(repo, experiment, remote)
     args = snakemake_args or ["--profile", "workflow/profiles/local"]
     _run([_tool("snakemake"), "--touch", *args], repo)

@@ -8,7 +8,7 @@ import sys
 from snakemake.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
-from fac.params import ParamsError, drop_nulls, validate
+from fac.params import ParamsError, claim_data_folder, data_folder, drop_nulls, validate
 
 # An overlay removes a key of its base by setting it to null; then validate before any job runs: a misspelt key or a
 # wrong value stops here, naming the key.
@@ -57,7 +57,11 @@ def check_before_running():
 
 
 check_before_running()
-DATA = f"{RESULTS}/data"
+# The data half: the experiment's own folder, or that of another experiment built for the same data-half params (a
+# grouping-k or seed experiment reuses the recipe's data; fac.params.data_folder). results/<exp>/data links to it.
+DATA, DATA_OWN = data_folder(RESULTS_ROOT, EXP, config)
+DATA_LOGS = f"{DATA}/logs"
+DATA_BENCH = f"{DATA}/benchmarks"
 MANIFEST_COUNTS = f"{DATA}/manifests/counts.json"
 WORLD_QA = f"{DATA}/world/text_qa.jsonl"  # the world's text QA: the base LLM's data and text-QA evaluation
 PREFERENCE_PAIRS = f"{DATA}/manifests/preferences.pairs.jsonl"  # sources manifests, text: the user's preference pairs

@@ -19,9 +19,9 @@ rule text_tokenizer:
     conda:
         ENV
     log:
-        f"{LOGS}/data/text_tokenizer.log",
+        f"{DATA_LOGS}/text_tokenizer.log",
     benchmark:
-        f"{BENCH}/data/text_tokenizer.tsv"
+        f"{DATA_BENCH}/text_tokenizer.tsv"
     shell:
         "fac data text-tokenizer --params {params.cfg} {params.world} --out {params.out} 2> {log}"
 
@@ -40,9 +40,9 @@ rule speech_tokenizer:
     conda:
         ENV
     log:
-        f"{LOGS}/data/speech_tokenizer.log",
+        f"{DATA_LOGS}/speech_tokenizer.log",
     benchmark:
-        f"{BENCH}/data/speech_tokenizer.tsv"
+        f"{DATA_BENCH}/speech_tokenizer.tsv"
     shell:
         "fac data speech-tokenizer --params {params.cfg} {params.filtered} --data-root {params.root}"
         " --out {output} 2> {log}"
@@ -63,7 +63,7 @@ rule asr_lm:
     conda:
         ENV
     log:
-        f"{LOGS}/data/asr_lm.log",
+        f"{DATA_LOGS}/asr_lm.log",
     shell:
         "fac data asr-lm --params {params.cfg} --world {params.world} --out {params.out} 2> {log}"
 

@@ -25,9 +25,9 @@ rule manifests:
     conda:
         ENV
     log:
-        f"{LOGS}/data/manifests.log",
+        f"{DATA_LOGS}/manifests.log",
     benchmark:
-        f"{BENCH}/data/manifests.tsv"
+        f"{DATA_BENCH}/manifests.tsv"
     shell:
         "fac data import-manifests {params.source} --names {params.names} {params.preferences}"
         " --speech-tokenizer {input.speech_tokenizer} --data-root {params.root} --out {params.out} 2> {log}"

@@ -20,7 +20,7 @@ rule text_corpus:
     conda:
         ENV
     log:
-        f"{LOGS}/data/text_corpus.log",
+        f"{DATA_LOGS}/text_corpus.log",
     shell:
         "fac data text-corpus --source {params.source} --names {params.names} --out {params.out} 2> {log}"
 
@@ -48,9 +48,9 @@ rule speak:
     conda:
         ENV
     log:
-        f"{LOGS}/data/speak/{{name}}.{{shard}}.log",
+        f"{DATA_LOGS}/speak/{{name}}.{{shard}}.log",
     benchmark:
-        f"{BENCH}/data/speak/{{name}}.{{shard}}.tsv"
+        f"{DATA_BENCH}/speak/{{name}}.{{shard}}.tsv"
     shell:
         "fac data speak --params {params.cfg} --source {input.conversations} --shard {wildcards.shard}"
         " --shards {params.shards} {params.lm} --data-root {params.root} --out {output.shard}"
@@ -72,7 +72,7 @@ rule spoken:
     conda:
         ENV
     log:
-        f"{LOGS}/data/spoken/{{name}}.log",
+        f"{DATA_LOGS}/spoken/{{name}}.log",
     shell:
         "fac data merge-spoken --inputs {input.shards} --reports {input.reports} --out {output.spoken}"
         " --report {output.report} 2> {log}"

@@ -20,9 +20,9 @@ rule world:
     conda:
         ENV
     log:
-        f"{LOGS}/data/world.log",
+        f"{DATA_LOGS}/world.log",
     benchmark:
-        f"{BENCH}/data/world.tsv"
+        f"{DATA_BENCH}/world.tsv"
     shell:
         "fac data world --params {params.cfg} --source {input.source} --out {params.out} 2> {log}"
 
@@ -44,9 +44,9 @@ rule tts:
     conda:
         ENV
     log:
-        f"{LOGS}/data/tts.log",
+        f"{DATA_LOGS}/tts.log",
     benchmark:
-        f"{BENCH}/data/tts.tsv"
+        f"{DATA_BENCH}/tts.tsv"
     shell:
         "fac data tts --params {params.cfg} --world {params.world} --source {input.source}"
         " --data-root {params.root} --out {output} 2> {log}"
@@ -69,9 +69,9 @@ rule asr_filter:
         ENV
     threads: config["asr"]["workers"]
     log:
-        f"{LOGS}/data/asr_filter.log",
+        f"{DATA_LOGS}/asr_filter.log",
     benchmark:
-        f"{BENCH}/data/asr_filter.tsv"
+        f"{DATA_BENCH}/asr_filter.tsv"
     shell:
         "fac data asr-filter --params {params.cfg} --utterances {input.utterances} {params.lm}"
         " --data-root {params.root} --out {output.kept} --report {output.report} 2> {log}"
@@ -90,9 +90,9 @@ rule noisy:
     conda:
         ENV
     log:
-        f"{LOGS}/data/noisy.log",
+        f"{DATA_LOGS}/noisy.log",
     benchmark:
-        f"{BENCH}/data/noisy.tsv"
+        f"{DATA_BENCH}/noisy.tsv"
     shell:
         "fac data noisy --params {params.cfg} --filtered {input} --data-root {params.root} --out {output} 2> {log}"
 
@@ -112,9 +112,9 @@ rule speech_tokens:
     conda:
         ENV
     log:
-        f"{LOGS}/data/speech_tokens.log",
+        f"{DATA_LOGS}/speech_tokens.log",
     benchmark:
-        f"{BENCH}/data/speech_tokens.tsv"
+        f"{DATA_BENCH}/speech_tokens.tsv"
     shell:
         "fac data speech-tokens --tokenizer {input.tokenizer} --inputs {input.kept} {input.noisy}"
         " --data-root {params.root} --out {output.tokens} --stats {output.stats} 2> {log}"
@@ -136,7 +136,7 @@ rule manifests:
     conda:
         ENV
     log:
-        f"{LOGS}/data/manifests.log",
+        f"{DATA_LOGS}/manifests.log",
     shell:
         "fac data manifests --params {params.cfg} --inputs {input.kept} {input.noisy}"
         " --tokens {input.tokens} --out {params.out} 2> {log}"
@@ -160,7 +160,7 @@ rule data_report:
     conda:
         ENV
     log:
-        f"{LOGS}/data/data_report.log",
+        f"{DATA_LOGS}/data_report.log",
     shell:
         "fac data report --tts {input.tts} --filtered {input.kept} --asr-report {input.asr_report}"
         " --noisy {input.noisy} --token-stats {input.token_stats} --manifest-counts {input.counts}"

@@ -97,6 +97,44 @@ def test_continuous_encoder_ignores_masked_frames_and_zero_fills_the_tail(fixtur
     assert masked[0, :7].abs().sum() > 0 and masked[0, 7:].abs().sum() == 0
 
 
+@pytest.mark.parametrize("lengths", [[200, 200], [5, 3, 200, 200, 7, 200, 9, 1], [1], list(range(1, 40)) * 2,
+                                     [200] * 30 + [17, 60, 3]])
+def test_length_buckets_partition_by_length_and_never_split_equal_lengths(lengths):
+    from fac.model.encoder import length_buckets
+
+    groups = length_buckets(lengths, 4)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths))) and 1 <= len(groups) <= 4
+    spans = [(min(lengths[i] for i in g), max(lengths[i] for i in g)) for g in groups]
+    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))  # ordered, and no length in two groups
+    if len(set(lengths)) >= 4:
+        assert len(groups) >= 2
+
+
+def test_length_buckets_encode_as_one_padded_batch_forward_and_backward(fixture_model, monkeypatch):
+    """The chunks of a batch run in length buckets (each padded to its own longest chunk): outputs and gradients are
+    those of one batch padded to the longest chunk of all, for audios of many lengths (chunks of 1 to 20 frames)."""
+    tower = fixture_model.continuous_audio_tower
+    gen = torch.Generator().manual_seed(3)
+    lengths = [7, 20, 21, 33, 40, 45, 58, 1 + 20, 13]
+    feats = torch.randn(len(lengths), 128, max(lengths), generator=gen)
+    mask = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).long()
+
+    def run(buckets):
+        monkeypatch.setattr(type(tower), "chunk_buckets", buckets)
+        tower.zero_grad(set_to_none=True)
+        out = tower(feats, mask, output_length=15)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in tower.named_parameters() if p.grad is not None}
+
+    one, one_grads = run(1)
+    bucketed, bucketed_grads = run(4)
+    torch.testing.assert_close(bucketed, one, atol=1e-5, rtol=1e-5)
+    assert one_grads.keys() == bucketed_grads.keys() and one_grads
+    for name in one_grads:
+        torch.testing.assert_close(bucketed_grads[name], one_grads[name], atol=1e-4, rtol=1e-4)
+    tower.zero_grad(set_to_none=True)
+
+
 def test_grouping_averages_the_g_token_embeddings_then_projects(fixture_model):
     tower = fixture_model.audio_tower
     ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])

@@ -144,7 +144,7 @@ def test_the_users_data_is_taken_in_whole_or_refused_with_file_line_and_reason(r
     refusals = [json.loads(line) for line in (manifests / "refusals.jsonl").read_text().splitlines()]
     assert [(r["file"].rsplit("/", 1)[-1], r["line"]) for r in refusals] == rehearsal["data"]["refused"]
     assert all(r["reason"] for r in refusals)
-    log = (rehearsal["results"] / "logs/data/manifests.log").read_text()
+    log = (rehearsal["results"] / "data/logs/manifests.log").read_text()
     assert "sft.jsonl:11: refused: audio entry 0" in log and "no_such_clip.wav" in log
     two_turns = [json.loads(line) for line in (manifests / "sft.jsonl").read_text().splitlines()
                  if "two-turns" in line]

@@ -151,3 +151,88 @@ def test_the_world_source_requires_the_worlds_sections(root):
     del cfg["noise"]
     with pytest.raises(ParamsError, match=r"noise: required key is missing"):
         validate(cfg)
+
+
+
+DATA_HALF_CHANGES = [("world", "n_entities", 7), ("tts", "rate", [150, 160]), ("asr", "max_wer", 0.4),
+                     ("noise", "snr_db", [10]), ("speech_tokenizer", "codebook_size", 64),
+                     ("text_tokenizer", "vocab_size", 512), ("manifests", "tasks", ["spoken_qa"]),
+                     ("paraling", "train_per_emotion", 3), ("instruction", "styles", {"slowly": 0.5}),
+                     ("data", "source", "manifests"), (None, "seed", 7)]
+MODEL_HALF_CHANGES = [("model", "speech", {"group_size": 1}), ("base_llm", "steps", 3), ("encoder", "seed", 5),
+                      ("stage2", "lr", 1.0), ("dpo", "beta", 0.5), ("merge", "alpha", 0.1),
+                      ("evaluation", "batch_size", 2), ("resources", "data", {"mem_mb": 1}),
+                      (None, "experiment", "other"), (None, "threads", 1)]
+
+
+def _changed(cfg, section, key, value):
+    return merge(cfg, {section: {key: value}} if section else {key: value})
+
+
+def _built(root_dir, experiment, cfg):
+    """An experiment that built its own data folder for cfg (as the workflow's onstart records it)."""
+    from fac.params import claim_data_folder, data_folder
+
+    folder, own = data_folder(str(root_dir), experiment, cfg)
+    assert own and folder == f"{root_dir}/{experiment}/data"
+    claim_data_folder(str(root_dir), experiment, cfg, folder, own)
+    return folder
+
+
+@pytest.mark.parametrize("section,key,value", MODEL_HALF_CHANGES)
+def test_an_experiment_differing_only_in_the_model_half_uses_the_others_data(root, tmp_path, section, key, value):
+    from fac.params import claim_data_folder, data_folder
+
+    cfg = _default(root)
+    recipe = _built(tmp_path, "default", cfg)
+    other = _changed(cfg, section, key, value)
+    folder, own = data_folder(str(tmp_path), "k1", other)
+    assert (folder, own) == (recipe, False)
+    claim_data_folder(str(tmp_path), "k1", other, folder, own)
+    assert (tmp_path / "k1/data").resolve() == Path(recipe).resolve()  # the experiment's data are where they were
+    assert data_folder(str(tmp_path), "k1", other) == (recipe, False)  # and stay shared on the next run
+
+
+@pytest.mark.parametrize("section,key,value", DATA_HALF_CHANGES)
+def test_an_experiment_with_other_data_params_builds_its_own(root, tmp_path, section, key, value):
+    from fac.params import data_folder
+
+    cfg = _default(root)
+    _built(tmp_path, "default", cfg)
+    assert data_folder(str(tmp_path), "k1", _changed(cfg, section, key, value)) == (f"{tmp_path}/k1/data", True)
+
+
+def test_an_experiment_with_its_own_data_keeps_them_when_a_data_param_changes(root, tmp_path):
+    """Its data are rebuilt in place (Snakemake reruns what the change touches), never swapped for another's."""
+    from fac.params import data_folder
+
+    cfg = _default(root)
+    _built(tmp_path, "default", cfg)
+    _built(tmp_path, "other", _changed(cfg, "tts", "rate", [150, 160]))
+    assert data_folder(str(tmp_path), "other", cfg) == (f"{tmp_path}/other/data", True)
+
+
+def test_a_link_to_data_whose_params_changed_since_is_dropped(root, tmp_path):
+    from fac.params import claim_data_folder, data_folder
+
+    cfg = _default(root)
+    recipe = _built(tmp_path, "default", cfg)
+    claim_data_folder(str(tmp_path), "k1", cfg, recipe, False)
+    _built(tmp_path, "default", _changed(cfg, "asr", "max_wer", 0.4))  # the recipe's data now for other params
+    assert data_folder(str(tmp_path), "k1", cfg) == (f"{tmp_path}/k1/data", True)
+    assert not (tmp_path / "k1/data").exists() and not (tmp_path / "k1/data").is_symlink()
+    assert (Path(recipe) / ".fac-data-params.json").is_file()  # the other experiment's data untouched
+
+
+def test_every_section_the_data_rules_read_is_in_the_data_half(root):
+    """A section a data rule reads but the data half left out would let two experiments with different data share
+    one folder."""
+    import re
+
+    from fac.params import MODEL_HALF_SECTIONS
+
+    read = set()
+    for name in ("world", "data", "imported", "text"):
+        read |= set(re.findall(r"config(?:\[|\.get\()[\"'](\w+)[\"']", (root / f"rules/{name}.smk").read_text()))
+    assert {"tts", "asr", "world", "data"} <= read  # the pattern finds what the rules read
+    assert not read & MODEL_HALF_SECTIONS, read & MODEL_HALF_SECTIONS

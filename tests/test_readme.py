@@ -52,7 +52,7 @@ def _until_tokenizer(proc, workspace):
     _ok(proc, workspace)
     data = workspace / "results/micro/data"
     assert (data / "world/world.json").is_file() and (data / "tokenizer/tokenizer.json").is_file()
-    assert (workspace / "results/micro/logs/data/text_tokenizer.log").is_file()
+    assert (workspace / "results/micro/data/logs/text_tokenizer.log").is_file()
     assert not (data / "tts").exists()  # --until stops at the tokenizer: nothing past it ran
 
 

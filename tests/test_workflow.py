@@ -101,8 +101,8 @@ def test_data_target_writes_manifests_report_and_logs(micro_run):
     user = json.loads(first["audio"][0])
     assert (data / user["path"]).is_file()
     for rule in DATA_RULES:
-        assert (micro_run / f"results/micro/logs/data/{rule}.log").is_file()
-    assert "asr filter on splits ['train']: kept" in (micro_run / "results/micro/logs/data/asr_filter.log").read_text()
+        assert (micro_run / f"results/micro/data/logs/{rule}.log").is_file()
+    assert "asr filter on splits ['train']: kept" in (micro_run / "results/micro/data/logs/asr_filter.log").read_text()
 
 
 def test_second_run_has_nothing_to_do(micro_run):
@@ -235,7 +235,7 @@ def test_saved_experiment_restores_in_a_fresh_clone_with_nothing_to_do(micro_run
     shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
     (repo / "params").mkdir()
     shutil.copy(ROOT / "params/default.yaml", repo / "params/default.yaml")
-    shutil.copytree(micro_run / "results", repo / "results")  # copy2: modification times kept
+    shutil.copytree(micro_run / "results", repo / "results", symlinks=True)  # copy2: times kept; data link kept
     version.save(repo, "micro")
     _git("add", "-A", cwd=repo)
     _git("commit", "-qm", "micro experiment", cwd=repo)
@@ -292,26 +292,31 @@ def test_alpha_ablation_ends_at_the_merge_inputs_and_dpo_per_dimension_runs(micr
 
 
 @pytest.mark.parametrize("k", [1, 6])
-def test_grouping_ablation_overlay_trains_the_recipe_at_that_k(k, tmp_path):
-    """params/overlays/k{1,4,6}.yaml: the recipe as its own experiment at another grouping factor. k = 1 (a 25 Hz
-    backbone, no grouping) trains every stage to DPO and evaluates the DPO model; k = 6 (a k that does not divide
-    25 Hz) runs every rule that lays audio out by k (base LLM slots, encoder CTC, init, pre-alignment). Both plan
-    the rest (the other stages' evaluation, the metrics and the report: the micro run at k = 5 runs those)."""
+def test_grouping_ablation_overlay_trains_the_recipe_at_that_k(k, micro_run, tmp_path):
+    """params/overlays/k{1,4,6}.yaml: the recipe as its own experiment at another grouping factor, beside the micro
+    run (k = 5) in its folder: the data half does not depend on k, so the new experiment builds none of it and links
+    to the micro run's. k = 1 (a 25 Hz backbone, no grouping) trains every stage to DPO and evaluates the DPO model;
+    k = 6 (a k that does not divide 25 Hz) runs every rule that lays audio out by k (base LLM slots, encoder CTC,
+    init, pre-alignment). Both plan the rest (the other stages' evaluation, the metrics and the report: the micro
+    run at k = 5 runs those)."""
     micro_k = tmp_path / "micro_k.yaml"
     micro_k.write_text(f"experiment: micro_k{k}\nmodel:\n  speech: {{group_size: {k}}}\n")
     overlays = ("tests/configs/micro.yaml", str(micro_k))
-    results = tmp_path / f"results/micro_k{k}"
+    results = micro_run / f"results/micro_k{k}"
+    plan = planned_jobs(snakemake(micro_run, "-n", overlays=overlays))
+    assert not set(plan) & (set(DATA_RULES) | {"data_report"}), plan  # nothing of the data half is built again
     if k == 1:
-        snakemake(tmp_path, f"results/micro_k{k}/eval/dpo.json", overlays=overlays)
+        snakemake(micro_run, f"results/micro_k{k}/eval/dpo.json", overlays=overlays)
         metrics = json.loads((results / "eval/dpo.json").read_text())
         assert {"spoken_qa_acc", "text_qa_acc", "speech_token_acc", "instruction_acc"} <= set(metrics)
         last = "dpo"
     else:
-        snakemake(tmp_path, f"results/micro_k{k}/checkpoints/prealign", overlays=overlays)
+        snakemake(micro_run, f"results/micro_k{k}/checkpoints/prealign", overlays=overlays)
         last = "prealign"
-    assert set(planned_jobs(snakemake(tmp_path, "-n", overlays=overlays))) >= {"evaluate", "metrics", "report"}
+    assert set(planned_jobs(snakemake(micro_run, "-n", overlays=overlays))) >= {"evaluate", "metrics", "report"}
     config = json.loads((results / f"checkpoints/{last}/config.json").read_text())
     assert config["audio_config"]["group_size"] == k
+    assert (results / "data").resolve() == (micro_run / "results/micro/data").resolve()
 
 
 def test_tts_rule_speaks_through_a_command_template(tmp_path):

@@ -71,6 +71,25 @@ class FunAudioChatEncoderLayer(nn.Module):
         return hidden_states
 
 
+def length_buckets(lengths: list[int], buckets: int) -> list[list[int]]:
+    """Indices of `lengths` sorted by length and cut into at most `buckets` groups of about equal count, never
+    between two equal lengths (padding them apart would save nothing)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups, start = [], 0
+    for b in range(1, buckets + 1):
+        end = back = b * len(order) // buckets
+        while start < back < len(order) and lengths[order[back]] == lengths[order[back - 1]]:
+            back -= 1  # cut before a run of equal lengths...
+        if back > start:
+            end = back
+        while 0 < end < len(order) and lengths[order[end]] == lengths[order[end - 1]]:
+            end += 1  # ...or, where the run starts the group, after it
+        if end > start:
+            groups.append(order[start:end])
+            start = end
+    return groups
+
+
 class FunAudioChatContinuousEncoder(nn.Module):
     """`continuous_audio_tower`: log-mel [M, T] at 100 frames/s -> [n, H] at ~25 frames/s.
 
@@ -91,8 +110,14 @@ class FunAudioChatContinuousEncoder(nn.Module):
         # Present in the official checkpoint but used by no forward pass; kept so that names and shapes match.
         self.audio_bos_eos_token = nn.Embedding(2, config.output_dim)
 
+    # Chunks run in this many batches of similar length (sorted by length, equal counts), each padded only to its own
+    # longest chunk: every chunk is an independent sequence, so the result is the same as one batch padded to the
+    # longest chunk of all, and the padding computed for nothing falls (tiny world, clips of 1.6-3.1 s, 32 a batch:
+    # 37% of the frames in one batch were padding, 11% in four).
+    chunk_buckets = 4
+
     def _chunks(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor):
-        """Cut every audio's valid frames into chunks of 2*n_window frames, padded into one batch."""
+        """Every audio's valid frames cut into chunks of 2*n_window frames ([L, M] each), audio by audio."""
         chunk_len = 2 * self.config.n_window
         chunks, audio_of_chunk = [], []
         for a in range(input_features.shape[0]):
@@ -100,9 +125,24 @@ class FunAudioChatContinuousEncoder(nn.Module):
             pieces = frames.split(chunk_len, dim=0)
             chunks.extend(pieces)
             audio_of_chunk.extend([a] * len(pieces))
-        lengths = torch.tensor([c.shape[0] for c in chunks], dtype=torch.long, device=input_features.device)
-        batch = pad_sequence(chunks, batch_first=True).transpose(1, 2)  # [N_chunks, M, chunk_len_max]
-        return batch, lengths, audio_of_chunk
+        return chunks, audio_of_chunk
+
+    def _encode_chunks(self, chunks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunks [L_i, M] padded into one batch -> transformer output [N, c2, d] and each chunk's length c2_i."""
+        lengths = torch.tensor([c.shape[0] for c in chunks], dtype=torch.long, device=chunks[0].device)
+        x = pad_sequence(chunks, batch_first=True).transpose(1, 2)  # [N, M, c]
+        frame_mask = torch.arange(x.shape[-1], device=x.device)[None, :] < lengths[:, None]  # [N, c]
+        # conv1 sees zeros past a chunk's end (its padding); its output is masked so conv2 does too.
+        x = F.gelu(self.conv1(x)) * frame_mask[:, None, :].to(x.dtype)
+        x = F.gelu(self.conv2(x))  # [N, d, (c-1)//2 + 1]
+        out_lengths = (lengths - 1) // 2 + 1
+        x = x.transpose(1, 2)  # [N, c2, d]
+        x = x + sinusoids(x.shape[1], self.config.d_model).to(x)[None]  # positions restart in every chunk
+        x = F.dropout(x, self.config.dropout, self.training)
+        key_mask = torch.arange(x.shape[1], device=x.device)[None, :] < out_lengths[:, None]  # [N, c2]
+        for layer in self.layers:
+            x = layer(x, key_mask)
+        return x, out_lengths
 
     def forward(
         self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor, output_length: int
@@ -114,25 +154,18 @@ class FunAudioChatContinuousEncoder(nn.Module):
         num_audios = input_features.shape[0]
         if feature_attention_mask.sum() == 0:
             return input_features.new_zeros(num_audios, output_length, self.config.output_dim)
-        x, lengths, audio_of_chunk = self._chunks(input_features, feature_attention_mask)
-        frame_mask = torch.arange(x.shape[-1], device=x.device)[None, :] < lengths[:, None]  # [N, c]
-
-        # conv1 sees zeros past a chunk's end (its padding); its output is masked so conv2 does too.
-        x = F.gelu(self.conv1(x)) * frame_mask[:, None, :].to(x.dtype)
-        x = F.gelu(self.conv2(x))  # [N, d, (c-1)//2 + 1]
-        out_lengths = (lengths - 1) // 2 + 1
-        x = x.transpose(1, 2)  # [N, c2, d]
-        x = x + sinusoids(x.shape[1], self.config.d_model).to(x)[None]  # positions restart in every chunk
-        x = F.dropout(x, self.config.dropout, self.training)
-        key_mask = torch.arange(x.shape[1], device=x.device)[None, :] < out_lengths[:, None]  # [N, c2]
-        for layer in self.layers:
-            x = layer(x, key_mask)
+        chunks, audio_of_chunk = self._chunks(input_features, feature_attention_mask)
+        encoded: list[torch.Tensor | None] = [None] * len(chunks)
+        for members in length_buckets([c.shape[0] for c in chunks], self.chunk_buckets):
+            x, out_lengths = self._encode_chunks([chunks[i] for i in members])
+            for row, (i, n) in enumerate(zip(members, out_lengths.tolist())):
+                encoded[i] = x[row, :n]
 
         # Reassemble each audio from its chunks, then average-pool pairs of frames (an odd last frame is dropped).
-        frames = x[key_mask]  # [sum of c2, d], chunk-major: chunks were built audio by audio
+        frames = torch.cat(encoded)  # [sum of c2, d], chunk-major: chunks were built audio by audio
         frames_per_audio = [0] * num_audios
-        for a, n in zip(audio_of_chunk, out_lengths.tolist()):
-            frames_per_audio[a] += n
+        for a, chunk in zip(audio_of_chunk, encoded):
+            frames_per_audio[a] += chunk.shape[0]
         rows = []
         for audio_frames in frames.split(frames_per_audio, dim=0):
             n = audio_frames.shape[0]
