@@ -162,7 +162,6 @@ def load(paths: list[str | Path]) -> dict:
     return validate(config, origin=" + ".join(str(p) for p in paths))
 
 
-
 # The params only the model half reads (training, merge, evaluation, report, what jobs ask a scheduler for). Every
 # other section (the data source, the world, the tokenizers, synthesis, ASR, noise, manifests, the seed, and any
 # section added later) belongs to the data half.
@@ -177,15 +176,11 @@ def data_half(config: dict) -> dict:
     return {key: value for key, value in config.items() if key not in MODEL_HALF_SECTIONS}
 
 
-def _canonical(section: dict) -> str:
+def data_record(config: dict) -> str:
+    """What a data folder's DATA_RECORD holds for this config: its data half, canonical JSON."""
     import json
 
-    return json.dumps(section, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def data_record(config: dict) -> str:
-    """What a data folder's DATA_RECORD holds for this config."""
-    return _canonical(data_half(config)) + "\n"
+    return json.dumps(data_half(config), sort_keys=True, separators=(",", ":"), default=str) + "\n"
 
 
 def _recorded(folder: Path) -> str | None:

@@ -78,7 +78,9 @@ def check_remote(repo: Path, remote: str | None) -> None:
 def lender(repo: Path, experiment: str) -> str | None:
     """The experiment whose data folder this one uses (`results/<exp>/data.from`, written by the workflow when it
     links `results/<exp>/data` to another experiment's data), or None when its data are its own."""
-    record = repo / "results" / experiment / "data.from"
+    from fac.params import LENDER_RECORD
+
+    record = repo / "results" / experiment / LENDER_RECORD
     return record.read_text().strip() if record.is_file() else None
 
 
