@@ -86,11 +86,13 @@ def validate(config: dict, origin: str = "params") -> dict:
                 msg = err.message
             lines.append(f"{origin}: {_key(err)}: {msg}")
         raise ParamsError("invalid parameters:\n  " + "\n  ".join(lines))
-    for stage in ("base_llm", "encoder"):
-        if (config.get(stage) or {}).get("packing"):
-            raise ParamsError(f"{origin}: {stage}.packing: packing is implemented for the DRSR stages and DPO "
-                              "(prealign, stage1, stage2, dpo), not for the components trained in the tiny world")
-    for stage in ("prealign", "stage1", "stage2", "dpo"):
+    if (config.get("encoder") or {}).get("packing"):
+        raise ParamsError(f"{origin}: encoder.packing: packing is implemented for the DRSR stages, DPO and the base "
+                          "LLM trained in the DAG (prealign, stage1, stage2, dpo, base_llm), not for the encoder")
+    if (config.get("base_llm") or {}).get("packing") and config["base_llm"].get("import"):
+        raise ParamsError(f"{origin}: base_llm.packing: base_llm imports {config['base_llm']['import']} and trains "
+                          "nothing to pack; drop packing (or import)")
+    for stage in ("prealign", "stage1", "stage2", "dpo", "base_llm"):
         if (config.get(stage) or {}).get("packing") and not config[stage].get("max_length"):
             raise ParamsError(f"{origin}: {stage}.packing: give {stage}.max_length, the length of a packed row")
     source = config["data"]["source"]

@@ -63,6 +63,17 @@ def test_a_bad_resource_request_is_named(root, change, message):
         validate(cfg)
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["base_llm"].pop("max_length"), r"base_llm\.packing: give base_llm\.max_length"),
+    (lambda c: c["encoder"].update(packing=True), r"encoder\.packing: packing is implemented for .* not for the encoder"),
+])
+def test_packing_where_it_is_not_implemented_or_without_a_row_length_is_refused(root, change, message):
+    cfg = _default(root)
+    change(cfg)
+    with pytest.raises(ParamsError, match=message):
+        validate(cfg)
+
+
 def test_test_voice_that_is_also_a_training_voice_is_refused(root):
     cfg = _default(root)
     cfg["tts"]["test_voices"].append(cfg["tts"]["train_voices"][0])
@@ -135,7 +146,7 @@ def _paper(root):
     (lambda c: c["stage1"].pop("data"), r"stage1\.data: name the manifests"),
     (lambda c: c["data"].pop("preferences"), r"data\.preferences: .* preference"),
     (lambda c: c["data"].pop("eval"), r"data\.eval: required key is missing"),
-    (lambda c: c.update(base_llm={"import": "x", "packing": True}), r"base_llm\.packing: packing is implemented for"),
+    (lambda c: c.update(base_llm={"import": "x", "packing": True}), r"base_llm\.packing: base_llm imports x and trains nothing"),
     (lambda c: (c["dpo"].update(packing=True), c["dpo"].pop("max_length")), r"dpo\.packing: give dpo\.max_length"),
     (lambda c: c["stage2"].pop("max_length"), r"stage2\.packing: give stage2\.max_length"),
 ])

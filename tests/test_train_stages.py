@@ -134,6 +134,62 @@ def test_slot_questions_lay_a_question_out_as_audio_slots(tiny_world):
     assert torch.equal(noisy, slot_noise(embeds, batch["slot_mask"], 5, 2.0))
 
 
+def test_packed_base_llm_batch_gives_the_unpadded_loss_and_gradients_with_less_padding(tiny_world):
+    """The base LLM's packed batch (documents, text QA and slot questions sharing rows, positions restarting)
+    has the loss and gradients of the same examples one per row, on fewer positions; its slot noise is drawn per
+    example, not per row."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from fac.train.data import TextData
+    from fac.train.stages import load_tokenizer, slot_noise
+
+    tok = load_tokenizer(tiny_world.tokenizer_dir)
+    slot = {"prob": 0.5, "spoken_reply": 0.5}
+    rows = TextData(tiny_world.world_dir, tok, slot)
+    packed = TextData(tiny_world.world_dir, tok, slot, packing=True, max_length=160)
+    a, b = rows.batch(4, 12, 9), packed.batch(4, 12, 9)
+    assert b["attention_mask"] is None and b["input_ids"].numel() < a["input_ids"].numel()
+    assert b["input_ids"].shape[0] < a["input_ids"].shape[0]  # several examples share a row
+    assert set(b["segment_ids"].unique().tolist()) - {-1} == set(range(12))
+    # Each segment is one of the unpacked rows, at positions 0, 1, ...
+    real = [r[m.bool()].tolist() for r, m in zip(a["input_ids"], a["attention_mask"])]
+    for i in range(12):
+        where = b["segment_ids"] == i
+        assert b["input_ids"][where].tolist() == real[i]
+        assert b["position_ids"][where].tolist() == list(range(len(real[i])))
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=tok.pad_token_id)
+    model = Qwen3ForCausalLM(config).eval()
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        batch = {k: v for k, v in batch.items() if k != "segment_ids"}
+        loss = model(**batch, use_cache=False).loss  # as the base LLM's loss calls it (fac.train.packing)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    (la, ga), (lb, gb) = loss_and_grads(a), loss_and_grads(b)
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
+    for x, y in zip(gb, ga):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+    # Slot noise: one level per example (segment), so one row's segments get different levels.
+    embeds = torch.ones(*b["input_ids"].shape, 8)
+    mask = b["segment_ids"] >= 0
+    noisy = slot_noise(embeds, mask, 5, 2.0, b["segment_ids"])
+    row = int((b["segment_ids"] >= 0).sum(1).argmax())
+    spread = [float((noisy[row][b["segment_ids"][row] == i] - 1).norm(dim=-1).mean())
+              for i in b["segment_ids"][row].unique().tolist() if i >= 0]
+    assert len(spread) > 1 and len(set(round(s, 4) for s in spread)) == len(spread)
+    with pytest.raises(ValueError, match="max_length"):
+        TextData(tiny_world.world_dir, tok, slot, packing=True)
+    # Rows shorter than an example widen to it (a 25 Hz question is 5x as long): each example still in one row.
+    narrow = TextData(tiny_world.world_dir, tok, slot, packing=True, max_length=16).batch(4, 12, 9)
+    assert narrow["input_ids"].shape[1] == max(len(r) for r in real)
+    for i in range(12):
+        assert narrow["input_ids"][narrow["segment_ids"] == i].tolist() == real[i]
+
+
 def test_spoken_reply_is_the_text_stream_of_the_drsr_models_spoken_answer(tiny_world):
     """Base-LLM examples with `spoken_reply` ask in s2m mode and answer exactly as a DRSR s2m turn's text stream
     runs: <|audio_bos|>, the answer one token per slot, <|sil|> to the end of the speech, <|audio_eos|>."""

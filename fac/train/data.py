@@ -20,7 +20,7 @@ from fac.data.manifests import read_manifest
 from fac.data.text_tokenizer import SYSTEM_PROMPTS
 from fac.model.processing import (IGNORE_INDEX, SPEECH_DELAY, SPEECH_TOKENS_PER_SECOND, AssistantTurn, Example,
                                    SpecialIds, UserTurn, build_conversation, build_prompt, collate, log_mel)
-from fac.train.packing import pack
+from fac.train.packing import pack, pack_token_rows
 from fac.train.trainer import EpochOrder, step_rng
 
 log = logging.getLogger("fac.train")
@@ -60,9 +60,17 @@ class TextData:
     at a text loss of 10, and the updates that learn it cost the spoken answers to facts seen only in text
     (0.54 -> 0.15); learning the layout first on text QA of every fact, then stage 1, kept 0.39. With it
     in the base LLM (params/default.yaml): init 0.33, stage 1 0.27, merged 0.34, stage 2 0.35.
+
+    With `packing`, a batch's examples share rows of `max_length` positions, or of its longest example's where
+    that is longer (fac.train.packing.pack_token_rows: the same loss over the same label tokens, without the
+    padding of one row each), and the batch carries segment_ids, so that the slot noise is still drawn per example.
     """
 
-    def __init__(self, world_dir: str | Path, tokenizer, slot_questions: dict | None = None, group_size: int = 5):
+    def __init__(self, world_dir: str | Path, tokenizer, slot_questions: dict | None = None, group_size: int = 5,
+                 packing: bool = False, max_length: int | None = None):
+        if packing and not max_length:
+            raise ValueError("base_llm packing: give max_length, the length of a packed row")
+        self.packing, self.max_length = packing, max_length
         world_dir = Path(world_dir)
         self.tokenizer = tokenizer
         docs = [d for d in (world_dir / "corpus.txt").read_text().splitlines() if d.strip()]
@@ -121,16 +129,20 @@ class TextData:
                 chosen.append(self.slot_example(rng, self.qa[rng.randrange(len(self.qa))]))
             else:
                 chosen.append(self.examples[rng.randrange(len(self.examples))])
-        length = max(len(ids) for ids, _ in chosen)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((batch_size, length), pad, dtype=torch.long)
-        labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((batch_size, length), dtype=torch.long)
-        for i, (ids, lab) in enumerate(chosen):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(lab)] = torch.tensor(lab)
-            mask[i, : len(ids)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        if self.packing:  # an example longer than max_length widens the rows of its batch (k = 1's questions)
+            batch = pack_token_rows(chosen, max(self.max_length, max(len(ids) for ids, _ in chosen)), pad)
+            input_ids = batch["input_ids"]
+        else:
+            length = max(len(ids) for ids, _ in chosen)
+            input_ids = torch.full((batch_size, length), pad, dtype=torch.long)
+            labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
+            mask = torch.zeros((batch_size, length), dtype=torch.long)
+            for i, (ids, lab) in enumerate(chosen):
+                input_ids[i, : len(ids)] = torch.tensor(ids)
+                labels[i, : len(lab)] = torch.tensor(lab)
+                mask[i, : len(ids)] = 1
+            batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
         if self.slot and self.slot.get("noise", 0) > 0:
             opened = (input_ids == self.audio_bos).long().cumsum(1) - (input_ids == self.audio_eos).long().cumsum(1)
             batch["slot_mask"] = (opened > 0) & (input_ids != self.audio_bos)

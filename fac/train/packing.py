@@ -99,3 +99,39 @@ def pack(examples: list[Example], special_ids: SpecialIds, max_length: int) -> t
             where[i] = (row, start, start + len(examples[i].input_ids))
             start += len(examples[i].input_ids)
     return batch, torch.tensor([where[i] for i in range(len(examples))], dtype=torch.long)
+
+
+def pack_token_rows(sequences: list[tuple[list[int], list[int]]], max_length: int,
+                    pad_id: int) -> dict[str, torch.Tensor | None]:
+    """Plain token sequences (input ids, labels), e.g. the base LLM's documents and text QA, packed into rows of
+    at most `max_length` positions (`pack_groups`): the same mechanism as `collate_packed`, for a model without
+    audio.
+
+    Returns input_ids and labels [B, S] (padding: `pad_id`, IGNORE_INDEX), position_ids restarting at 0 for
+    every sequence (0 on padding), attention_mask None, and segment_ids [B, S]: the index in `sequences` of the
+    sequence each position belongs to (-1 on padding), for what is drawn per example (the base LLM's slot
+    noise). A sequence's first label is ignored: in a row of its own, position 0 is never predicted (the loss
+    shifts by one), so in a packed row the previous sequence's last position must not learn to predict it.
+    The loss (a mean over the same label tokens) and its gradients are those of one row per sequence, with the
+    model called with use_cache=False: given a cache, transformers skips the detection of packed positions and
+    builds one causal mask over the whole row.
+    """
+    groups = pack_groups([len(ids) for ids, _ in sequences], max_length)
+    width = max(sum(len(sequences[i][0]) for i in group) for group in groups)
+    input_ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(groups), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(groups), width), dtype=torch.long)
+    segment_ids = torch.full((len(groups), width), -1, dtype=torch.long)
+    for b, group in enumerate(groups):
+        start = 0
+        for i in group:
+            ids, lab = sequences[i]
+            end = start + len(ids)
+            input_ids[b, start:end] = torch.tensor(ids)
+            labels[b, start:end] = torch.tensor(lab)
+            labels[b, start] = IGNORE_INDEX
+            position_ids[b, start:end] = torch.arange(len(ids))
+            segment_ids[b, start:end] = i
+            start = end
+    return {"input_ids": input_ids, "attention_mask": None, "labels": labels, "position_ids": position_ids,
+            "segment_ids": segment_ids}

@@ -148,7 +148,8 @@ def train_base_llm(stage: dict, model_params: dict, world_dir: str, tokenizer_di
         return import_llm(stage["import"], tokenizer, out_dir)
     model_params = resolve_geometry(model_params)
     data = TextData(world_dir, tokenizer, stage.get("slot_questions"),
-                    int(model_params.get("speech", {}).get("group_size", 5)))
+                    int(model_params.get("speech", {}).get("group_size", 5)), bool(stage.get("packing")),
+                    stage.get("max_length"))
     cfg = StageConfig.from_params(resolve_steps(stage, len(data.examples)))
     llm = model_params["llm"]
     torch.manual_seed(cfg.seed)
@@ -166,11 +167,14 @@ def train_base_llm(stage: dict, model_params: dict, world_dir: str, tokenizer_di
 
     def loss_fn(m, batch):
         slot_mask, seed = batch.pop("slot_mask", None), batch.pop("noise_seed", None)
+        segments = batch.pop("segment_ids", None)
+        # No cache: with one, transformers builds a plain causal mask over a packed row (fac.train.packing).
         if slot_mask is None:
-            return m(**batch).loss, {}
+            return m(**batch, use_cache=False).loss, {}
         ids = batch.pop("input_ids")
         embeds = getattr(m, "module", m).get_input_embeddings()(ids)
-        return m(inputs_embeds=slot_noise(embeds, slot_mask, int(seed), noise), **batch).loss, {}
+        return m(inputs_embeds=slot_noise(embeds, slot_mask, int(seed), noise, segments), **batch,
+                 use_cache=False).loss, {}
 
     trainer = Trainer(model, cfg, loss_fn, lambda step: data.batch(step, cfg.batch_size, cfg.seed),
                       Path(state_root) / f"base_llm-{fingerprint(stage, model_params, text_identity(world_dir, tokenizer_dir))}",
@@ -181,11 +185,18 @@ def train_base_llm(stage: dict, model_params: dict, world_dir: str, tokenizer_di
     return summary
 
 
-def slot_noise(embeds: torch.Tensor, mask: torch.Tensor, seed: int, noise: float) -> torch.Tensor:
-    """Embeddings [B, L, H] with Gaussian noise at the `mask`ed (audio-slot) positions: per row a level drawn
-    uniformly in [0, noise], times each embedding's norm (an isotropic vector of that relative length)."""
+def slot_noise(embeds: torch.Tensor, mask: torch.Tensor, seed: int, noise: float,
+               segments: torch.Tensor | None = None) -> torch.Tensor:
+    """Embeddings [B, L, H] with Gaussian noise at the `mask`ed (audio-slot) positions: per example a level drawn
+    uniformly in [0, noise], times each embedding's norm (an isotropic vector of that relative length). An
+    example is a row, or in a packed batch a segment (`segments` [B, L]: the example index of each position,
+    -1 on padding; fac.train.packing.pack_token_rows)."""
     g = torch.Generator().manual_seed(seed)
-    level = (torch.rand(embeds.shape[0], 1, 1, generator=g) * noise).to(embeds.device, embeds.dtype)
+    if segments is None:
+        level = (torch.rand(embeds.shape[0], 1, 1, generator=g) * noise).to(embeds.device, embeds.dtype)
+    else:
+        per_example = torch.rand(int(segments.max()) + 1, generator=g) * noise
+        level = per_example[segments.clamp(min=0).cpu()][..., None].to(embeds.device, embeds.dtype)
     z = torch.randn(embeds.shape, generator=g).to(embeds.device, embeds.dtype) / embeds.shape[-1] ** 0.5
     noisy = embeds + z * level * embeds.norm(dim=-1, keepdim=True).detach()
     return torch.where(mask[..., None].to(embeds.device), noisy, embeds)
