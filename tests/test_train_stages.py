@@ -173,14 +173,20 @@ def test_packed_base_llm_batch_gives_the_unpadded_loss_and_gradients_with_less_p
     torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
     for x, y in zip(gb, ga):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
-    # Slot noise: one level per example (segment), so one row's segments get different levels.
-    embeds = torch.ones(*b["input_ids"].shape, 8)
-    mask = b["segment_ids"] >= 0
-    noisy = slot_noise(embeds, mask, 5, 2.0, b["segment_ids"])
-    row = int((b["segment_ids"] >= 0).sum(1).argmax())
-    spread = [float((noisy[row][b["segment_ids"][row] == i] - 1).norm(dim=-1).mean())
-              for i in b["segment_ids"][row].unique().tolist() if i >= 0]
-    assert len(spread) > 1 and len(set(round(s, 4) for s in spread)) == len(spread)
+    # Slot noise: token for token what the same examples get one per row.
+    noisy_rows = TextData(tiny_world.world_dir, tok, {**slot, "noise": 2.0}).batch(4, 12, 9)
+    noisy_packed = TextData(tiny_world.world_dir, tok, {**slot, "noise": 2.0}, packing=True,
+                            max_length=160).batch(4, 12, 9)
+    embedding = torch.nn.Embedding(len(tok), 8)
+    with torch.no_grad():
+        ea = slot_noise(embedding(noisy_rows["input_ids"]), noisy_rows["slot_mask"], int(noisy_rows["noise_seed"]), 2.0)
+        eb = slot_noise(embedding(noisy_packed["input_ids"]), noisy_packed["slot_mask"],
+                        int(noisy_packed["noise_seed"]), 2.0, noisy_packed["segment_ids"], noisy_packed["position_ids"])
+    assert int(noisy_rows["slot_mask"].sum()) > 0
+    for i in range(12):
+        n = int(noisy_rows["attention_mask"][i].sum())
+        assert torch.equal(eb[noisy_packed["segment_ids"] == i], ea[i, :n])
+        assert torch.equal(noisy_packed["slot_mask"][noisy_packed["segment_ids"] == i], noisy_rows["slot_mask"][i, :n])
     with pytest.raises(ValueError, match="max_length"):
         TextData(tiny_world.world_dir, tok, slot, packing=True)
     # Rows shorter than an example widen to it (a 25 Hz question is 5x as long): each example still in one row.

@@ -173,8 +173,8 @@ def train_base_llm(stage: dict, model_params: dict, world_dir: str, tokenizer_di
             return m(**batch, use_cache=False).loss, {}
         ids = batch.pop("input_ids")
         embeds = getattr(m, "module", m).get_input_embeddings()(ids)
-        return m(inputs_embeds=slot_noise(embeds, slot_mask, int(seed), noise, segments), **batch,
-                 use_cache=False).loss, {}
+        return m(inputs_embeds=slot_noise(embeds, slot_mask, int(seed), noise, segments, batch.get("position_ids")),
+                 **batch, use_cache=False).loss, {}
 
     trainer = Trainer(model, cfg, loss_fn, lambda step: data.batch(step, cfg.batch_size, cfg.seed),
                       Path(state_root) / f"base_llm-{fingerprint(stage, model_params, text_identity(world_dir, tokenizer_dir))}",
@@ -186,18 +186,28 @@ def train_base_llm(stage: dict, model_params: dict, world_dir: str, tokenizer_di
 
 
 def slot_noise(embeds: torch.Tensor, mask: torch.Tensor, seed: int, noise: float,
-               segments: torch.Tensor | None = None) -> torch.Tensor:
+               segments: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Embeddings [B, L, H] with Gaussian noise at the `mask`ed (audio-slot) positions: per example a level drawn
-    uniformly in [0, noise], times each embedding's norm (an isotropic vector of that relative length). An
-    example is a row, or in a packed batch a segment (`segments` [B, L]: the example index of each position,
-    -1 on padding; fac.train.packing.pack_token_rows)."""
+    uniformly in [0, noise], times each embedding's norm (an isotropic vector of that relative length).
+
+    An example is a row, or in a packed batch a segment (`segments` [B, L]: the example index of each position,
+    -1 on padding, and `positions` [B, L]: its position in the example; fac.train.packing.pack_token_rows). The
+    draws are those of the same examples one per row, so a packed batch gets, token for token, the noise it
+    would get unpacked."""
     g = torch.Generator().manual_seed(seed)
     if segments is None:
         level = (torch.rand(embeds.shape[0], 1, 1, generator=g) * noise).to(embeds.device, embeds.dtype)
+        z = torch.randn(embeds.shape, generator=g)
     else:
-        per_example = torch.rand(int(segments.max()) + 1, generator=g) * noise
-        level = per_example[segments.clamp(min=0).cpu()][..., None].to(embeds.device, embeds.dtype)
-    z = torch.randn(embeds.shape, generator=g).to(embeds.device, embeds.dtype) / embeds.shape[-1] ** 0.5
+        segments, positions = segments.cpu(), positions.cpu()
+        real = segments >= 0
+        count, width = int(segments.max()) + 1, int(positions[real].max()) + 1  # the unpacked batch's shape
+        level = torch.rand(count, generator=g) * noise
+        unpacked = torch.randn((count, width, embeds.shape[-1]), generator=g)
+        z = torch.zeros(embeds.shape)
+        z[real] = unpacked[segments[real], positions[real]]
+        level = torch.where(real, level[segments.clamp(min=0)], 0.0)[..., None].to(embeds.device, embeds.dtype)
+    z = z.to(embeds.device, embeds.dtype) / embeds.shape[-1] ** 0.5
     noisy = embeds + z * level * embeds.norm(dim=-1, keepdim=True).detach()
     return torch.where(mask[..., None].to(embeds.device), noisy, embeds)
 
