@@ -93,7 +93,7 @@ SKIP = {
     ".venv/bin/snakemake --profile workflow/profiles/slurm --configfile params/paper.yaml my_paths.yaml":
         "needs a SLURM cluster with GPUs and the paper's components; test_slurm submits the micro DAG through this "
         "profile and dry-runs params/paper.yaml through it",
-    "make reproduce": "the whole reproduction (about 25 minutes); the micro_run fixture runs the same DAG",
+    "make reproduce": "the whole reproduction (about 23 minutes); the micro_run fixture runs the same DAG",
     "make test": "this test suite itself",
     "make data": "the default world's data half (minutes); the micro world runs the same rules (micro_run)",
     "make ablations": "every ablation (about 2 hours); test_ablations_target_plans_every_alpha_and_dimension plans them",
