@@ -63,7 +63,8 @@ class TextData:
 
     With `packing`, a batch's examples share rows of `max_length` positions, or of its longest example's where
     that is longer (fac.train.packing.pack_token_rows: the same loss over the same label tokens, without the
-    padding of one row each), and the batch carries segment_ids, so that the slot noise is still drawn per example.
+    padding of one row each), and the batch carries segment_ids, so that the slot noise is, token for token, the
+    noise of one row each (fac.train.stages.slot_noise).
     """
 
     def __init__(self, world_dir: str | Path, tokenizer, slot_questions: dict | None = None, group_size: int = 5,

@@ -69,21 +69,32 @@ def collate_packed(groups: list[list[Example]], special_ids: SpecialIds, feature
         raise ValueError("collate_packed: a conversation's first token must not be a label (it starts a prompt)")
     flat = [example for group in groups for example in group]
     batch = collate(flat, special_ids, feature_pad_value)  # audio keys, in order over the packed rows
-    rows = [torch.cat([e.input_ids for e in group]) for group in groups]
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(groups), width), special_ids.text_pad, dtype=torch.long)
-    labels = torch.full((len(groups), width), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((len(groups), width), dtype=torch.long)
-    for b, group in enumerate(groups):
-        start = 0
-        for e in group:
-            end = start + len(e.input_ids)
-            input_ids[b, start:end] = e.input_ids
-            labels[b, start:end] = e.labels
-            position_ids[b, start:end] = torch.arange(len(e.input_ids))
-            start = end
+    input_ids, labels, position_ids, _ = _fill_rows([[(e.input_ids, e.labels) for e in group] for group in groups],
+                                                    special_ids.text_pad)
     batch.update(input_ids=input_ids, attention_mask=None, labels=labels, position_ids=position_ids)
     return batch
+
+
+def _fill_rows(rows: list[list[tuple]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Rows of (input ids, labels) sequences laid end to end, right-padded to the longest row: input_ids,
+    labels, position_ids (0, 1, ... within each sequence; 0 on padding) and segment_ids (the sequence's index in
+    row-major order; -1 on padding), each [B, S]."""
+    width = max(sum(len(ids) for ids, _ in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    segment_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    n = 0
+    for b, row in enumerate(rows):
+        start = 0
+        for ids, lab in row:
+            end = start + len(ids)
+            input_ids[b, start:end] = torch.as_tensor(ids)
+            labels[b, start:end] = torch.as_tensor(lab)
+            position_ids[b, start:end] = torch.arange(len(ids))
+            segment_ids[b, start:end] = n
+            start, n = end, n + 1
+    return input_ids, labels, position_ids, segment_ids
 
 
 def pack(examples: list[Example], special_ids: SpecialIds, max_length: int) -> tuple[dict, torch.Tensor]:
@@ -117,21 +128,9 @@ def pack_token_rows(sequences: list[tuple[list[int], list[int]]], max_length: in
     builds one causal mask over the whole row.
     """
     groups = pack_groups([len(ids) for ids, _ in sequences], max_length)
-    width = max(sum(len(sequences[i][0]) for i in group) for group in groups)
-    input_ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(groups), width), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((len(groups), width), dtype=torch.long)
-    segment_ids = torch.full((len(groups), width), -1, dtype=torch.long)
-    for b, group in enumerate(groups):
-        start = 0
-        for i in group:
-            ids, lab = sequences[i]
-            end = start + len(ids)
-            input_ids[b, start:end] = torch.tensor(ids)
-            labels[b, start:end] = torch.tensor(lab)
-            labels[b, start] = IGNORE_INDEX
-            position_ids[b, start:end] = torch.arange(len(ids))
-            segment_ids[b, start:end] = i
-            start = end
+    first_ignored = [(ids, [IGNORE_INDEX, *lab[1:]]) for ids, lab in sequences]
+    input_ids, labels, position_ids, order = _fill_rows([[first_ignored[i] for i in group] for group in groups],
+                                                        pad_id)
+    index = torch.tensor([i for group in groups for i in group] + [-1])  # row-major order -> index in sequences
     return {"input_ids": input_ids, "attention_mask": None, "labels": labels, "position_ids": position_ids,
-            "segment_ids": segment_ids}
+            "segment_ids": index[order]}
