@@ -20,7 +20,7 @@ from fac.data.manifests import read_manifest
 from fac.data.text_tokenizer import SYSTEM_PROMPTS
 from fac.model.processing import (IGNORE_INDEX, SPEECH_DELAY, SPEECH_TOKENS_PER_SECOND, AssistantTurn, Example,
                                    SpecialIds, UserTurn, build_conversation, build_prompt, collate, log_mel)
-from fac.train.packing import pack, pack_token_rows
+from fac.train.packing import fill_rows, pack, pack_token_rows
 from fac.train.trainer import EpochOrder, step_rng
 
 log = logging.getLogger("fac.train")
@@ -134,16 +134,9 @@ class TextData:
         if self.packing:  # an example longer than max_length widens the rows of its batch (k = 1's questions)
             batch = pack_token_rows(chosen, max(self.max_length, max(len(ids) for ids, _ in chosen)), pad)
             input_ids = batch["input_ids"]
-        else:
-            length = max(len(ids) for ids, _ in chosen)
-            input_ids = torch.full((batch_size, length), pad, dtype=torch.long)
-            labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((batch_size, length), dtype=torch.long)
-            for i, (ids, lab) in enumerate(chosen):
-                input_ids[i, : len(ids)] = torch.tensor(ids)
-                labels[i, : len(lab)] = torch.tensor(lab)
-                mask[i, : len(ids)] = 1
-            batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        else:  # one example per row
+            input_ids, labels, _, segments = fill_rows([[example] for example in chosen], pad)
+            batch = {"input_ids": input_ids, "attention_mask": (segments >= 0).long(), "labels": labels}
         if self.slot and self.slot.get("noise", 0) > 0:
             opened = (input_ids == self.audio_bos).long().cumsum(1) - (input_ids == self.audio_eos).long().cumsum(1)
             batch["slot_mask"] = (opened > 0) & (input_ids != self.audio_bos)

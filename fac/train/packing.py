@@ -69,13 +69,13 @@ def collate_packed(groups: list[list[Example]], special_ids: SpecialIds, feature
         raise ValueError("collate_packed: a conversation's first token must not be a label (it starts a prompt)")
     flat = [example for group in groups for example in group]
     batch = collate(flat, special_ids, feature_pad_value)  # audio keys, in order over the packed rows
-    input_ids, labels, position_ids, _ = _fill_rows([[(e.input_ids, e.labels) for e in group] for group in groups],
+    input_ids, labels, position_ids, _ = fill_rows([[(e.input_ids, e.labels) for e in group] for group in groups],
                                                     special_ids.text_pad)
     batch.update(input_ids=input_ids, attention_mask=None, labels=labels, position_ids=position_ids)
     return batch
 
 
-def _fill_rows(rows: list[list[tuple]], pad_id: int) -> tuple[torch.Tensor, ...]:
+def fill_rows(rows: list[list[tuple]], pad_id: int) -> tuple[torch.Tensor, ...]:
     """Rows of (input ids, labels) sequences laid end to end, right-padded to the longest row: input_ids,
     labels, position_ids (0, 1, ... within each sequence; 0 on padding) and segment_ids (the sequence's index in
     row-major order; -1 on padding), each [B, S]."""
@@ -129,7 +129,7 @@ def pack_token_rows(sequences: list[tuple[list[int], list[int]]], max_length: in
     """
     groups = pack_groups([len(ids) for ids, _ in sequences], max_length)
     first_ignored = [(ids, [IGNORE_INDEX, *lab[1:]]) for ids, lab in sequences]
-    input_ids, labels, position_ids, order = _fill_rows([[first_ignored[i] for i in group] for group in groups],
+    input_ids, labels, position_ids, order = fill_rows([[first_ignored[i] for i in group] for group in groups],
                                                         pad_id)
     index = torch.tensor([i for group in groups for i in group] + [-1])  # row-major order -> index in sequences
     return {"input_ids": input_ids, "attention_mask": None, "labels": labels, "position_ids": position_ids,
