@@ -2,8 +2,9 @@
 
 The one-node cluster comes from workflow/cluster/local-slurm.sh (Debian's packages, installed when missing). The
 run (the micro world's data target, the base LLM and its evaluation, through the SLURM profile) mostly waits on the
-scheduler, so conftest.py starts it in the background as soon as the session has collected a test that needs it,
-and the rest of the suite runs meanwhile; `RUN.result()` waits for it.
+scheduler, so the micro_run fixture (conftest.py) starts it in the background when the session holds a test that
+needs it, and the rest of the suite runs meanwhile; `RUN.result()` waits for it (and starts it if nothing did). The
+tests that need it are in micro_run's pytest-xdist group: one worker, one run.
 """
 from __future__ import annotations
 

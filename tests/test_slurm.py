@@ -69,7 +69,7 @@ def outputs(results: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def slurm_run():
-    """The run through SLURM (slurm_cluster.RUN: started in the background when the session collected this test)."""
+    """The run through SLURM (slurm_cluster.RUN: started in the background by micro_run, or here)."""
     try:
         workdir, proc = RUN.result()
     except Unavailable as why:

@@ -109,6 +109,15 @@ def test_second_run_has_nothing_to_do(micro_run):
     assert planned_jobs(snakemake(micro_run, "data", "-n")) == {}
 
 
+def test_after_a_change_inside_fac_forcerun_reruns_that_rule_and_what_follows(micro_run):
+    """Snakemake does not see edits inside the package; the README's rule, `--forcerun <rule>` for the rule the
+    change touches, reruns it and everything downstream of it, nothing upstream and nothing beside it."""
+    assert planned_jobs(snakemake(micro_run, "-n")) == {}  # the built experiment is complete
+    jobs = planned_jobs(snakemake(micro_run, "-n", "--forcerun", "asr_filter"))
+    assert jobs["asr_filter"] == 1 and {"manifests", "encoder", "train_drsr", "dpo", "evaluate", "report"} <= set(jobs)
+    assert not {"world", "tts", "text_tokenizer", "base_llm"} & set(jobs)
+
+
 def overlay(workdir, text: str) -> tuple[str, str]:
     """The micro overlay plus one more params file (nested overrides go in files: --config gives strings)."""
     path = workdir / "overlay.yaml"
@@ -171,6 +180,9 @@ def test_whole_dag_writes_per_stage_metrics(micro_run):
     assert "<h2>Per-stage metrics</h2>" in (micro_run / "results/micro/report.html").read_text()
     merged = json.loads((micro_run / "results/micro/checkpoints/merged/merge.json").read_text())
     assert merged["alpha"] == 0.5
+    # one offline wandb run per trained stage (base LLM, encoder, pre-alignment, stage 1, stage 2, DPO)
+    runs = sorted((micro_run / "results/micro/wandb/wandb").glob("offline-run-*"))
+    assert len(runs) == 6 and all(list(run.glob("run-*.wandb")) for run in runs), runs
 
 
 def test_dpo_trains_on_pairs_of_the_four_dimensions_and_logs_rewards(micro_run):

@@ -10,17 +10,20 @@ BIN = Path(sys.executable).parent
 LOCAL_PROFILE = ROOT / "workflow" / "profiles" / "local"
 
 
-def env() -> dict:
-    e = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+def env(wandb: str = "disabled") -> dict:
+    """The environment of a run: no hub; wandb `disabled` (its start costs a training job about two seconds), or
+    `offline` as the README's runs log (the micro_run fixture's run, whose logs a test reads)."""
+    e = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE=wandb)
     e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
     return e
 
 
 def snakemake(workdir: Path, *args: str, overlays=("tests/configs/micro.yaml",), config: str | None = None,
-              check: bool = True, base: str = "params/default.yaml") -> subprocess.CompletedProcess:
+              check: bool = True, base: str = "params/default.yaml",
+              wandb: str = "disabled") -> subprocess.CompletedProcess:
     """snakemake with the `base` params plus overlays; the lexicon path is made absolute."""
     cmd = [str(BIN / "snakemake"), *snakemake_args(workdir, *args, overlays=overlays, config=config, base=base)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=workdir)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(wandb), cwd=workdir)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc

@@ -10,6 +10,7 @@ import json
 import zlib
 from pathlib import Path
 
+from fac import atomic
 from fac.data.text_tokenizer import AUDIO_QUESTION_PROMPT, SYSTEM_PROMPTS, instruction_prompt
 
 AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
@@ -119,10 +120,7 @@ def write_manifests(manifests: dict[str, list[dict]], out_dir: str | Path, expec
                          "(too few utterances kept by the ASR filter, or a task/split missing in params)")
     counts = {}
     for name, records in sorted(manifests.items()):
-        path = out / f"{name}.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tmp.replace(path)
+        atomic.write_text(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         counts[name] = len(records)
     return counts
 

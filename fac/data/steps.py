@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fac import atomic
 from fac.data import world as world_mod
 from fac.data.plan import plan_utterances
 
@@ -37,19 +38,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_json(obj, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    atomic.write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def build_world(params: dict, source: str, out_dir: str) -> dict:

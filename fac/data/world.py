@@ -22,6 +22,17 @@ class SourceError(ValueError):
     """The world's text source (lexicon) is missing, empty or malformed."""
 
 
+def _no_duplicates(path: Path, where: str, words: list) -> None:
+    """Two equal names make two entities one person; two equal values make two facts one answer."""
+    seen, twice = set(), []
+    for word in words:
+        if word in seen and word not in twice:
+            twice.append(word)
+        seen.add(word)
+    if twice:
+        raise SourceError(f"{path}: {where} lists {', '.join(map(repr, twice))} twice; each entry must be distinct")
+
+
 def load_source(path: str | Path) -> dict:
     """Read and check the lexicon that the world is built from; errors name the file and the key."""
     path = Path(path)
@@ -44,12 +55,15 @@ def load_source(path: str | Path) -> dict:
         words = source["names"].get(part) if isinstance(source["names"], dict) else None
         if not words:
             raise SourceError(f"{path}: names.{part} must be a non-empty list of words")
+    for part in ("first", "second"):
+        _no_duplicates(path, f"names.{part}", source["names"][part])
     if not source["attributes"]:
         raise SourceError(f"{path}: attributes is empty")
     for attr, spec in source["attributes"].items():
         for key in REQUIRED_ATTRIBUTE_KEYS:
             if not spec or not spec.get(key):
                 raise SourceError(f"{path}: attributes.{attr}.{key} must be a non-empty list")
+        _no_duplicates(path, f"attributes.{attr}.values", spec["values"])
         for template in spec["statements"] + spec["questions"]:
             unknown = set(PLACEHOLDER.findall(template)) - {"name", "value"}
             if unknown or "{name}" not in template:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import ModelOutput
@@ -333,9 +333,16 @@ def _checkpoint_tensor_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], 
         raise FileNotFoundError(f"{folder}: no model.safetensors (or model.safetensors.index.json) in this folder")
     shapes = {}
     for name in files:
-        with safe_open(str(folder / name), framework="pt") as f:
-            for key in f.keys():
-                shapes[key] = (tuple(f.get_slice(key).get_shape()), name)
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{index}: model.safetensors.index.json names {name}, which is not in {folder} "
+                                    "(a shard missing: copy the whole checkpoint folder)")
+        try:
+            with safe_open(str(folder / name), framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = (tuple(f.get_slice(key).get_shape()), name)
+        except SafetensorError as err:
+            raise ValueError(f"{folder / name}: not a readable safetensors file ({err}): truncated or corrupt, "
+                             "e.g. by a copy or a write that did not finish") from err
     return shapes
 
 

@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
+from fac.atomic import named_failure
+
 log = logging.getLogger("fac.train")
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
@@ -197,15 +199,16 @@ class Trainer:
         tmp = self.state_dir / "tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(dedupe_shared(state), str(tmp / "model.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if self.device is not None else None,
-                    "python_rng": random.getstate()}, tmp / "optim.pt")
-        (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in self.history))
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "stage": self.name}))
         last = self._state_path()
+        with named_failure(last, tmp):  # a full disk: tmp removed, the previous point kept, the error names it
+            state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+            save_file(dedupe_shared(state), str(tmp / "model.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if self.device is not None else None,
+                        "python_rng": random.getstate()}, tmp / "optim.pt")
+            (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in self.history))
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "stage": self.name}))
         old = self.state_dir / "old"
         shutil.rmtree(old, ignore_errors=True)  # the leftover of a save killed while cleaning up
         if last.exists():
@@ -344,7 +347,8 @@ def atomic_folder(out_dir: str | Path):
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    yield tmp
+    with named_failure(out, tmp):  # a failed write (a full disk) removes tmp and names out
+        yield tmp
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 
