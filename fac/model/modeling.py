@@ -334,8 +334,8 @@ def _checkpoint_tensor_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], 
     shapes = {}
     for name in files:
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{index}: model.safetensors.index.json names {name}, which is not in {folder} "
-                                    "(a shard missing: copy the whole checkpoint folder)")
+            raise FileNotFoundError(f"{index}: names the shard {name}, which is not in {folder} (copy the whole "
+                                    "checkpoint folder)")
         try:
             with safe_open(str(folder / name), framework="pt") as f:
                 for key in f.keys():
