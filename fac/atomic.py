@@ -6,9 +6,12 @@ loadable, and a rerun once the cause is fixed writes the new version as if nothi
 """
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 
 @contextmanager
@@ -31,11 +34,23 @@ def named_failure(target: str | Path, partial: str | Path):
         raise
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write `path` whole or not at all (a `.tmp` sibling renamed over it)."""
+def write_file(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Write `path` whole or not at all: `write(temporary)` fills a hidden temporary file in the same folder (its
+    own name, so concurrent writers never share one), which is renamed over `path` when `write` returns. Parent
+    folders are created; a folder that cannot hold the file is named."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with named_failure(path, tmp):
-        tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise OSError(error.errno, f"{path.parent}: cannot write {path.name} in this folder ({error}); "
+                                   "expected a writable folder") from error
+    os.close(handle)
+    with named_failure(path, temporary):
+        write(Path(temporary))
+    os.replace(temporary, path)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file whole or not at all (`write_file`)."""
+    write_file(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))

@@ -22,7 +22,10 @@ from fac.train.merge import merge_checkpoints
 from train_fixtures import one_thread, save_random_drsr, tiny_world  # noqa: F401 (fixtures)
 from workflow_helpers import BIN, ROOT, env, snakemake_args
 
-FULL = OSError(errno.ENOSPC, "No space left on device")
+
+
+def disk_full() -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device")
 
 
 def readme_cases() -> list[tuple[str, str, str]]:
@@ -144,7 +147,7 @@ def _disk_fills_after(monkeypatch, owner, name: str, written: int = 100):
         target = next(Path(a) for a in (*args, *kwargs.values()) if isinstance(a, (str, Path)))
         target = target / "model.safetensors" if target.is_dir() else target
         target.write_bytes(b"\0" * written)
-        raise FULL
+        raise disk_full()
     monkeypatch.setattr(owner, name, full)
 
 
@@ -188,7 +191,7 @@ def test_a_full_disk_while_a_resume_point_is_written_keeps_the_previous_one(monk
         saves.append(path)
         if len(saves) == 2:  # the resume point of step 4 (of 6): the disk fills half-way through it
             Path(path).write_bytes(b"\0" * 100)
-            raise FULL
+            raise disk_full()
         return real(tensors, path, *args, **kwargs)
 
     with monkeypatch.context() as m:
@@ -223,22 +226,22 @@ def test_a_full_disk_while_a_manifest_or_metrics_file_is_written_keeps_the_previ
         return json.loads((tmp_path / name).read_text())["version"]
 
     names = ["a", "b"] if writer == "manifests" else ["metrics.json"]
+    target = tmp_path / (f"{names[-1]}.jsonl" if writer == "manifests" else names[-1])
     write(1)
     real = Path.write_text
 
     def full_on_the_last(path, text, *args, **kwargs):
-        if path.name.startswith(names[-1]):
+        if path.name.startswith(f".{target.name}."):  # the temporary that becomes the last file
             real(path, text[:10])
-            raise FULL
+            raise disk_full()
         return real(path, text, *args, **kwargs)
 
     with monkeypatch.context() as m:
         m.setattr(Path, "write_text", full_on_the_last)
-        target = tmp_path / (f"{names[-1]}.jsonl" if writer == "manifests" else names[-1])
         with pytest.raises(OSError, match=rf"{re.escape(str(target))}: writing the new version failed \(No space"):
             write(2)
     assert version(names[-1]) == 1  # the previous version, whole
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp"))  # the partial temporary is gone
     write(2)
     assert all(version(n) == 2 for n in names)
 

@@ -9,7 +9,6 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import pocketsphinx
 from tqdm import tqdm
 
+from fac import atomic
 from fac.data import audio
 
 # Upper edges of the WER histogram's bins, right-closed so that they agree with `wer <= max_wer`.
@@ -57,19 +57,6 @@ def out_of_vocabulary(words) -> list[str]:
     return sorted({w.lower() for w in words if w.lower() not in table})
 
 
-def _write_text(path: Path, text: str) -> None:
-    # Same folder + rename: a killed job never leaves a half file that a rerun would trust.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_dictionary(words, path) -> None:
     """Write a pocketsphinx dictionary holding exactly these words, with all their variants."""
     words = sorted({w.lower() for w in words})
@@ -82,7 +69,7 @@ def write_dictionary(words, path) -> None:
     for word in words:
         for index, phones in enumerate(table[word]):
             lines.append(f"{word if index == 0 else f'{word}({index + 1})'} {phones}")
-    _write_text(Path(path), "\n".join(lines) + "\n")
+    atomic.write_text(path, "\n".join(lines) + "\n")
 
 
 def write_arpa(sentences: list[str], path, order: int = 3) -> None:
@@ -149,7 +136,7 @@ def write_arpa(sentences: list[str], path, order: int = 3) -> None:
             lines.append(entry if weight is None else f"{entry}\t{math.log10(weight):.6f}")
         lines.append("")
     lines.append("\\end\\")
-    _write_text(Path(path), "\n".join(lines) + "\n")
+    atomic.write_text(path, "\n".join(lines) + "\n")
 
 
 def _arpa_unigrams(path: Path) -> set[str]:

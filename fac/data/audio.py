@@ -3,12 +3,12 @@ Every other module goes through here, so a bad file fails once, early, and names
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
+from fac import atomic
 
 SAMPLE_RATE = 16000
 # Below this peak a clip holds no speech (16-bit PCM rounds it to a few LSBs at most).
@@ -54,22 +54,10 @@ def write_wav(path, samples, sample_rate: int = SAMPLE_RATE) -> None:
         raise ValueError(f"{path}: samples have shape {samples.shape}; expected a 1-D mono array")
     if not np.all(np.isfinite(samples)):
         raise ValueError(f"{path}: samples contain NaN or infinity; expected finite values in [-1, 1]")
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        # A temporary file in the same folder, renamed into place: a killed job leaves either
-        # the old file or the new one, never half a wav that a later resume would trust.
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as error:
-        raise OSError(f"{folder}: cannot write {path.name} in this folder ({error}); expected a writable folder") from error
-    os.close(handle)
-    try:
-        # libsndfile wraps values outside [-1, 1] around instead of clipping them.
-        sf.write(temporary, np.clip(samples, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    # Atomically: a killed job leaves either the old file or the new one, never half a wav that a later resume
+    # would trust. libsndfile wraps values outside [-1, 1] around instead of clipping them.
+    atomic.write_file(path, lambda temporary: sf.write(temporary, np.clip(samples, -1.0, 1.0), sample_rate,
+                                                       subtype="PCM_16", format="WAV"))
 
 
 def duration_seconds(path) -> float:

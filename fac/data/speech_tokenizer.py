@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import torch
 import torchaudio.compliance.kaldi
 from sklearn.cluster import MiniBatchKMeans
 
+from fac import atomic
 from fac.data.audio import SAMPLE_RATE
 
 FRAME_RATE = 25  # units per second, as CosyVoice S3 tokens and the official <|audio_pad|> count
@@ -83,20 +82,10 @@ def _save_folder(directory, config: dict, write_weights) -> None:
     """A tokenizer folder: the weights (written by `write_weights(path)`), then config.json, each atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, write_weights)
-    _atomic_write(directory / CONFIG_NAME,
-                  lambda path: Path(path).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+    atomic.write_file(directory / WEIGHTS_NAME, write_weights)
+    atomic.write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
 
 
-def _atomic_write(path: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 class SpeechTokenizer:

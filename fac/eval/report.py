@@ -19,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fac import atomic  # noqa: E402
+
 HEADLINE = ["spoken_qa_acc", "spoken_qa_acc_unseen_voices", "text_qa_acc", "speech_token_acc"]
 TRAINED = ["base_llm", "encoder", "prealign", "stage1", "stage2", "dpo"]
 
@@ -178,9 +180,6 @@ def build_report(results_root: str | Path, experiment: str, out_path: str | Path
             + "</title><style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
             "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#f3f3f3}</style></head><body>"
             + "\n".join(parts) + "</body></html>\n")
-    out_path = Path(out_path)
-    tmp = out_path.with_suffix(".tmp")
-    tmp.write_text(page)
-    tmp.replace(out_path)
+    atomic.write_text(out_path, page)
     return {"experiments": sorted(experiments), "stages": list(metrics), "loss_curves": sorted(histories),
             "ablations": ablations_path.is_file(), "grouping": sorted(grouping)}

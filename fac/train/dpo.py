@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from fac import atomic
 from fac.data.text_tokenizer import AUDIO_QUESTION_PROMPT, SYSTEM_PROMPTS
 from fac.devices import CPU, Placement, device_of, to_device
 from fac.model import load_checkpoint
@@ -239,11 +240,7 @@ def build_preferences(model_dir: str, manifest_dir: str, data_root: str, world_d
         counts[pair["dimension"]]["pairs"] += 1
     if not pairs:
         raise ValueError(f"{manifest_dir}: no preference pairs could be built (empty training manifests?)")
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    tmp.replace(out)
+    atomic.write_text(out_path, "".join(json.dumps(p) + "\n" for p in pairs))
     return counts
 
 
@@ -362,10 +359,7 @@ def reference_logps(model, data: PairData, batch_size: int = 8, placement: Place
 
 def write_reference(ref_file: Path, values: list[tuple[float, float]]) -> None:
     """reference_logps.json, atomically (a killed write leaves none, never half a file)."""
-    ref_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ref_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(values))
-    tmp.replace(ref_file)
+    atomic.write_text(ref_file, json.dumps(values))
 
 
 def cached_reference(model, data: PairData, ref_file: Path, placement: Placement) -> list[tuple[float, float]]:
