@@ -2,9 +2,9 @@
 expected, and faults that lose nothing already produced. README "Reliability" lists every case with the test that
 holds it, here or in the module of the component; `test_the_readme_table_names_tests_that_exist` keeps the two in
 step. The cases tested here are the ones no component's own module covers: a truncated or missing weights file, a
-lexicon with duplicate names, a manifest record without its audio, a params overlay that is not a mapping, a full
-disk while a checkpoint, a resume point, a manifest or a metrics file is written, and a second `snakemake` on an
-experiment that one is running."""
+lexicon with duplicate names, a manifest record without its audio, a params overlay that is not a mapping, a clipped
+wav, a full disk (an injected ENOSPC) while a checkpoint, a resume point, a manifest or a metrics file is written,
+and a second `snakemake` on an experiment that one is running."""
 import errno
 import json
 import re
@@ -21,7 +21,6 @@ from fac.model import FunAudioChatForConditionalGeneration, load_checkpoint
 from fac.train.merge import merge_checkpoints
 from train_fixtures import one_thread, save_random_drsr, tiny_world  # noqa: F401 (fixtures)
 from workflow_helpers import BIN, ROOT, env, snakemake_args
-
 
 
 def disk_full() -> OSError:
@@ -141,16 +140,6 @@ def test_a_params_overlay_that_is_not_a_mapping_is_named(text, tmp_path):
 # ------------------------------------------------------------------------------------------------- faults
 
 
-def _disk_fills_after(monkeypatch, owner, name: str, written: int = 100):
-    """`owner.name(..., path)`-style writers: the call writes `written` bytes of its file, then the disk is full."""
-    def full(*args, **kwargs):
-        target = next(Path(a) for a in (*args, *kwargs.values()) if isinstance(a, (str, Path)))
-        target = target / "model.safetensors" if target.is_dir() else target
-        target.write_bytes(b"\0" * written)
-        raise disk_full()
-    monkeypatch.setattr(owner, name, full)
-
-
 def test_a_full_disk_while_a_checkpoint_is_written_keeps_the_previous_one(tiny_world, tmp_path,  # noqa: F811
                                                                            monkeypatch):
     base, other, out = tmp_path / "base", tmp_path / "other", tmp_path / "merged"
@@ -159,7 +148,11 @@ def test_a_full_disk_while_a_checkpoint_is_written_keeps_the_previous_one(tiny_w
     merge_checkpoints(base, other, 0.3, out)
     before = load_file(str(out / "model.safetensors"))
     with monkeypatch.context() as m:
-        _disk_fills_after(m, FunAudioChatForConditionalGeneration, "save_pretrained")
+        def full(model, folder, *args, **kwargs):  # 100 bytes of the weights, then the disk is full
+            (Path(folder) / "model.safetensors").write_bytes(b"\0" * 100)
+            raise disk_full()
+
+        m.setattr(FunAudioChatForConditionalGeneration, "save_pretrained", full)
         with pytest.raises(OSError, match=rf"{re.escape(str(out))}: writing the new version failed \(No space left"):
             merge_checkpoints(base, other, 0.7, out)
     assert not (tmp_path / "merged.tmp").exists()  # the partial copy is gone
