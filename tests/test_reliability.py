@@ -7,7 +7,9 @@ wav, a full disk (an injected ENOSPC) while a checkpoint, a resume point, a mani
 and a second `snakemake` on an experiment that one is running."""
 import errno
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -265,3 +267,39 @@ def test_a_second_snakemake_on_a_running_experiment_is_refused_and_the_first_fin
     assert first.returncode == 0, out[-3000:]
     rows = (tmp_path / "results/micro/data/tts/utterances.jsonl").read_text().splitlines()
     assert rows and all((tmp_path / "results/micro/data" / json.loads(r)["path"]).is_file() for r in rows)
+
+
+def test_a_killed_snakemake_process_group_is_unlocked_and_rerun_to_the_uninterrupted_outputs(tmp_path):
+    """SIGKILL to the whole `snakemake` process group while its tts job is half-way: the rerun is refused with
+    Snakemake's lock message (a killed run cannot release its lock) until `--unlock` with the same arguments; then
+    the killed job runs again and the outputs are byte for byte those of a run that was never killed."""
+    def outputs(work: Path) -> dict[str, bytes]:
+        data = work / "results/micro/data"
+        return {str(p.relative_to(data)): p.read_bytes() for p in sorted(data.rglob("*"))
+                if p.is_file() and not {"logs", "benchmarks"} & set(p.relative_to(data).parts)}
+
+    def run(work: Path, *extra: str, **kwargs):
+        cmd = [str(BIN / "snakemake"), *snakemake_args(work, "--until", "tts", *extra)]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=work, **kwargs)
+
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    for work in (reference, killed):
+        work.mkdir()
+    assert run(reference).returncode == 0
+    first = subprocess.Popen([str(BIN / "snakemake"), *snakemake_args(killed, "--until", "tts")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), cwd=killed,
+                             start_new_session=True)
+    wavs, deadline = killed / "results/micro/data/tts", time.monotonic() + 300
+    while not (wavs.is_dir() and len(list(wavs.rglob("*.wav"))) >= 5):
+        assert first.poll() is None and time.monotonic() < deadline, "the run ended before its tts job was half-way"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    total = len([p for p in outputs(reference) if p.endswith(".wav")])
+    assert len(list(wavs.rglob("*.wav"))) < total  # killed half-way
+    refused = run(killed)
+    assert refused.returncode != 0 and "--unlock" in refused.stdout + refused.stderr
+    assert run(killed, "--unlock").returncode == 0
+    rerun = run(killed)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert outputs(killed) == outputs(reference)
