@@ -51,6 +51,22 @@ def write_file(path: str | Path, write: Callable[[Path], None]) -> None:
     os.replace(temporary, path)
 
 
+@contextmanager
+def folder(out_dir: str | Path):
+    """Write a checkpoint folder under a temporary name and swap it in only when complete.
+
+    A job killed while writing leaves the previous folder (or none), never a half-written one.
+    """
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with named_failure(out, tmp):  # a failed write (a full disk) removes tmp and names out
+        yield tmp
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write a text file whole or not at all (`write_file`)."""
     write_file(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
+from fac.atomic import folder as atomic_folder
 from fac.model import check_checkpoint, load_checkpoint
-from fac.train.trainer import atomic_folder, shared_aliases
+from fac.train.trainer import shared_aliases
 
 
 def alpha_for(name: str, alpha: float, per_module: dict[str, float] | None) -> float:

@@ -16,13 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
+from fac.atomic import folder as atomic_folder
 from fac.data.steps import write_json
 from fac.model import FunAudioChatForConditionalGeneration, build_config, load_checkpoint, resolve_geometry
 from fac.model.configuration import FunAudioChatAudioConfig
 from fac.model.encoder import FunAudioChatContinuousEncoder
 from fac.model.processing import SpecialIds
 from fac.train.data import FeatureCache, SpokenData, SpokenRecord, TextData, encode_text, load_records
-from fac.train.trainer import (StageConfig, Trainer, atomic_folder, epoch_mode, files_identity, fingerprint,
+from fac.train.trainer import (StageConfig, Trainer, epoch_mode, files_identity, fingerprint,
                                step_rng)
 
 log = logging.getLogger("fac.train")

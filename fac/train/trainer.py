@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -335,22 +334,6 @@ class Trainer:
     def finish(self) -> None:
         """Forget the resume state once the final checkpoint is safely written."""
         shutil.rmtree(self.state_dir, ignore_errors=True)
-
-
-@contextmanager
-def atomic_folder(out_dir: str | Path):
-    """Write a checkpoint folder under a temporary name and swap it in only when complete.
-
-    A job killed while writing leaves the previous folder (or none), never a half-written one.
-    """
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with named_failure(out, tmp):  # a failed write (a full disk) removes tmp and names out
-        yield tmp
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
 
 
 def shared_aliases(model: torch.nn.Module) -> set[str]:
