@@ -39,6 +39,8 @@ def write_file(path: str | Path, write: Callable[[Path], None]) -> None:
     own name, so concurrent writers never share one), which is renamed over `path` when `write` returns. Parent
     folders are created; a folder that cannot hold the file is named."""
     path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed before its rename (SIGKILL)
+        stale.unlink(missing_ok=True)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

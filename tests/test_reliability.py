@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -303,3 +304,19 @@ def test_a_killed_snakemake_process_group_is_unlocked_and_rerun_to_the_uninterru
     rerun = run(killed)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert outputs(killed) == outputs(reference)
+
+
+def test_a_write_killed_before_its_rename_leaves_no_temporary_after_the_next_write(tmp_path):
+    """SIGKILL between the temporary's write and its rename (no handler runs) leaves a hidden `.name.*.tmp`; the
+    next write of the same file removes it, so a rerun's folder holds exactly what an uninterrupted run's does."""
+    from fac import atomic
+
+    target = tmp_path / "metrics.json"
+    script = (f"import os, signal, pathlib; from fac import atomic\n"
+              f"def write(p):\n    pathlib.Path(p).write_text('half')\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+              f"atomic.write_file({str(target)!r}, write)\n")
+    killed = subprocess.run([sys.executable, "-c", script], cwd=ROOT)
+    assert killed.returncode == -signal.SIGKILL
+    assert not target.exists() and len(list(tmp_path.glob(".metrics.json.*.tmp"))) == 1
+    atomic.write_text(target, "whole")
+    assert target.read_text() == "whole" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
