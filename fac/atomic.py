@@ -36,8 +36,9 @@ def named_failure(target: str | Path, partial: str | Path):
 
 def write_file(path: str | Path, write: Callable[[Path], None]) -> None:
     """Write `path` whole or not at all: `write(temporary)` fills a hidden temporary file in the same folder (its
-    own name, so concurrent writers never share one), which is renamed over `path` when `write` returns. Parent
-    folders are created; a folder that cannot hold the file is named."""
+    own name), which is renamed over `path` when `write` returns. Hidden temporaries of the same file left by a
+    writer killed before its rename are removed first, so one file has one writer at a time (rank 0 in a
+    distributed job). Parent folders are created; a folder that cannot hold the file is named."""
     path = Path(path)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed before its rename (SIGKILL)
         stale.unlink(missing_ok=True)
