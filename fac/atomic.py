@@ -6,6 +6,7 @@ loadable, and a rerun once the cause is fixed writes the new version as if nothi
 """
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -40,7 +41,9 @@ def write_file(path: str | Path, write: Callable[[Path], None]) -> None:
     writer killed before its rename are removed first, so one file has one writer at a time (rank 0 in a
     distributed job). Parent folders are created; a folder that cannot hold the file is named."""
     path = Path(path)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed before its rename (SIGKILL)
+    # Left by a writer killed before its rename (SIGKILL): mkstemp's names are the prefix, 8 random characters and
+    # the suffix, so this matches this file's temporaries only, not those of a file whose name extends this one.
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.{'?' * 8}.tmp"):
         stale.unlink(missing_ok=True)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

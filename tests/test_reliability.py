@@ -318,5 +318,8 @@ def test_a_write_killed_before_its_rename_leaves_no_temporary_after_the_next_wri
     killed = subprocess.run([sys.executable, "-c", script], cwd=ROOT)
     assert killed.returncode == -signal.SIGKILL
     assert not target.exists() and len(list(tmp_path.glob(".metrics.json.*.tmp"))) == 1
+    other = tmp_path / ".metrics.json.bak.abcd1234.tmp"  # a temporary of another file, metrics.json.bak: kept
+    other.write_text("in flight")
     atomic.write_text(target, "whole")
-    assert target.read_text() == "whole" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    assert target.read_text() == "whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "metrics.json"]
