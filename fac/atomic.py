@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+from fac import faults
+
 
 @contextmanager
 def named_failure(target: str | Path, partial: str | Path):
@@ -54,6 +56,7 @@ def write_file(path: str | Path, write: Callable[[Path], None]) -> None:
     os.close(handle)
     with named_failure(path, temporary):
         write(Path(temporary))
+    faults.point(f"write.{path.name}")
     os.replace(temporary, path)
 
 
@@ -69,6 +72,7 @@ def folder(out_dir: str | Path):
     tmp.mkdir(parents=True)
     with named_failure(out, tmp):  # a failed write (a full disk) removes tmp and names out
         yield tmp
+    faults.point(f"write.{out.name}")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 

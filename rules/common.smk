@@ -234,7 +234,7 @@ def eval_data_flags(wildcards, input):
 def preference_pairs(wildcards):
     """DPO's pairs: built from the stage-2 model's own answers (world), or the user's preference file (manifests,
     text)."""
-    return f"{RESULTS}/data/preferences.jsonl" if WORLD else PREFERENCE_PAIRS
+    return f"{RESULTS}/preferences.jsonl" if WORLD else PREFERENCE_PAIRS
 
 
 def import_source(stage):

@@ -141,7 +141,7 @@ if WORLD:  # source manifests: the user's preference file, taken in by rule mani
             world=rules.world.output.text_qa,
             manifests=rules.manifests.output.counts,
         output:
-            f"{RESULTS}/data/preferences.jsonl",
+            f"{RESULTS}/preferences.jsonl",
         params:
             cfg=as_json({"stage": stage_slice("dpo"), "seed": config["seed"]}),
             world=input_folder_of("world"),

@@ -1,4 +1,5 @@
 """Shared test set-up: no network, one thread, the repository root and the world lexicon."""
+import json
 import os
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def micro_run(tmp_path_factory, request):
     """One real run of the whole DAG on the micro world (data, then a few steps of every stage), built once and
     shared by every test that reads a built experiment (the workflow's, the README's and the SLURM test's: one
     group, MICRO_RUN_MODULES, that pytest-xdist runs on one worker, so that this is built once)."""
-    from workflow_helpers import snakemake
+    from workflow_helpers import digests, snakemake
 
     if any("slurm_run" in item.fixturenames for item in request.session.items):
         from slurm_cluster import RUN
@@ -58,7 +59,12 @@ def micro_run(tmp_path_factory, request):
     workdir = tmp_path_factory.mktemp("micro")
     snakemake(workdir, "data", wandb="offline")
     snakemake(workdir, wandb="offline")  # as the README's run: every training stage logs an offline wandb run
+    # The outputs as built, before any test reruns part of the DAG: what other runs of it are compared with.
+    (workdir / BUILT_DIGESTS).write_text(json.dumps(digests(workdir / "results/micro"), indent=1, sort_keys=True))
     return workdir
+
+
+BUILT_DIGESTS = "micro_digests.json"  # in the micro_run folder: workflow_helpers.digests of results/micro as built
 
 
 # `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadscope`, grouped by `worker_group`). A
@@ -67,7 +73,7 @@ def micro_run(tmp_path_factory, request):
 # both are built once. The heaviest groups go first, so that the other worker fills the time of the longest.
 # (xdist's own `xdist_group` markers are not used: xdist 3.8 writes the group into a node attribute that pytest 9
 # no longer reads.)
-MICRO_RUN_MODULES = ("tests/test_readme.py", "tests/test_slurm.py", "tests/test_workflow.py")
+MICRO_RUN_MODULES = ("tests/test_kill_matrix.py", "tests/test_readme.py", "tests/test_slurm.py", "tests/test_workflow.py")
 HEAVIEST_FIRST = ("micro_run", "tests/test_paper_rehearsal.py")
 
 

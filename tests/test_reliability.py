@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from fac.model import FunAudioChatForConditionalGeneration, load_checkpoint
 from fac.train.merge import merge_checkpoints
 from train_fixtures import one_thread, save_random_drsr, tiny_world  # noqa: F401 (fixtures)
-from workflow_helpers import BIN, ROOT, env, snakemake_args
+from workflow_helpers import BIN, ROOT, digests, env, snakemake_args
 
 
 def disk_full() -> OSError:
@@ -270,40 +270,99 @@ def test_a_second_snakemake_on_a_running_experiment_is_refused_and_the_first_fin
     assert rows and all((tmp_path / "results/micro/data" / json.loads(r)["path"]).is_file() for r in rows)
 
 
-def test_a_killed_snakemake_process_group_is_unlocked_and_rerun_to_the_uninterrupted_outputs(tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted_data(tmp_path_factory) -> dict[str, str]:
+    """The micro world's data half, run once without a fault: its hash manifest (workflow_helpers.digests)."""
+    work = tmp_path_factory.mktemp("uninterrupted")
+    proc = subprocess.run([str(BIN / "snakemake"), *snakemake_args(work, "data")], capture_output=True, text=True,
+                          env=env(), cwd=work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return digests(work / "results/micro")
+
+
+def test_a_killed_snakemake_process_group_is_unlocked_and_rerun_to_the_uninterrupted_outputs(uninterrupted_data,
+                                                                                               tmp_path):
     """SIGKILL to the whole `snakemake` process group while its tts job is half-way: the rerun is refused with
     Snakemake's lock message (a killed run cannot release its lock) until `--unlock` with the same arguments; then
     the killed job runs again and the outputs are byte for byte those of a run that was never killed."""
-    def outputs(work: Path) -> dict[str, bytes]:
-        data = work / "results/micro/data"
-        return {str(p.relative_to(data)): p.read_bytes() for p in sorted(data.rglob("*"))
-                if p.is_file() and not {"logs", "benchmarks"} & set(p.relative_to(data).parts)}
+    def run(*extra: str, **kwargs):
+        cmd = [str(BIN / "snakemake"), *snakemake_args(tmp_path, "--until", "tts", *extra)]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=tmp_path, **kwargs)
 
-    def run(work: Path, *extra: str, **kwargs):
-        cmd = [str(BIN / "snakemake"), *snakemake_args(work, "--until", "tts", *extra)]
-        return subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=work, **kwargs)
-
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    for work in (reference, killed):
-        work.mkdir()
-    assert run(reference).returncode == 0
-    first = subprocess.Popen([str(BIN / "snakemake"), *snakemake_args(killed, "--until", "tts")],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), cwd=killed,
+    first = subprocess.Popen([str(BIN / "snakemake"), *snakemake_args(tmp_path, "--until", "tts")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), cwd=tmp_path,
                              start_new_session=True)
-    wavs, deadline = killed / "results/micro/data/tts", time.monotonic() + 300
+    wavs, deadline = tmp_path / "results/micro/data/tts", time.monotonic() + 300
     while not (wavs.is_dir() and len(list(wavs.rglob("*.wav"))) >= 5):
         assert first.poll() is None and time.monotonic() < deadline, "the run ended before its tts job was half-way"
         time.sleep(0.05)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    total = len([p for p in outputs(reference) if p.endswith(".wav")])
+    total = len([p for p in uninterrupted_data if p.startswith("data/tts/") and p.endswith(".wav")])
     assert len(list(wavs.rglob("*.wav"))) < total  # killed half-way
-    refused = run(killed)
+    refused = run()
     assert refused.returncode != 0 and "--unlock" in refused.stdout + refused.stderr
-    assert run(killed, "--unlock").returncode == 0
-    rerun = run(killed)
+    assert run("--unlock").returncode == 0
+    rerun = run()
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert outputs(killed) == outputs(reference)
+    ours = digests(tmp_path / "results/micro")  # the world and tts: all the run was asked for
+    assert {p for p in uninterrupted_data if p.startswith(("data/world/", "data/tts/"))} <= set(ours)
+    assert ours == {p: uninterrupted_data.get(p) for p in ours}
+
+
+# fac.faults points of the data half ([group:]place[@n]): each kills the job that reaches it first, once.
+DATA_POINTS = {
+    "tts@4": "the tts job, its fourth clip spoken",
+    "asr": "the ASR filter, once its first chunk of clips is judged (in a worker process: the pool breaks)",
+    "write.model.safetensors": "the speech tokenizer, its centroids written but not yet renamed into place",
+    "speech_tokens@3": "speech tokenisation, its third clip tokenised",
+    "write.counts.json": "the manifests job, every manifest written, its counts not yet renamed into place",
+}
+
+
+def test_every_data_rule_killed_mid_work_reruns_to_the_uninterrupted_outputs(uninterrupted_data, tmp_path):
+    """Each data rule that takes more than a moment is SIGKILLed in the middle of its work (fac/faults.py), the same
+    command is run again until it ends, and the data half is byte for byte that of the run never killed; the tts
+    job speaks no clip twice (a finished clip of the killed run is kept)."""
+    from fac.faults import marker_name, planned
+
+    fired = tmp_path / "fired"
+    faulty = dict(env(), FAC_FAULTS=",".join(DATA_POINTS), FAC_FAULTS_FIRED=str(fired))
+    work = tmp_path / "killed"
+    work.mkdir()
+    codes = []
+    while len(codes) <= len(DATA_POINTS):
+        proc = subprocess.run([str(BIN / "snakemake"), *snakemake_args(work, "data")], capture_output=True,
+                              text=True, env=faulty, cwd=work, start_new_session=True)
+        codes.append(proc.returncode)
+        if proc.returncode == 0:
+            break
+    assert codes[-1] == 0, f"still failing after {len(codes)} runs {codes}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    assert sorted(os.listdir(fired)) == sorted(marker_name(*item) for item in planned(",".join(DATA_POINTS)))
+    assert digests(work / "results/micro") == uninterrupted_data
+    tts_log = (work / "results/micro/data/logs/tts.log").read_text()
+    kept = re.search(r"tts: (\d+) of \d+ clips kept from an earlier run", tts_log)
+    assert kept and int(kept.group(1)) >= 3, tts_log[-2000:]  # the clips spoken before the kill (two threads)
+
+
+def test_a_fault_point_kills_on_its_nth_pass_once_and_a_malformed_item_is_named(tmp_path, monkeypatch):
+    """fac.faults: unset, a point does nothing; `place@2` SIGKILLs the process on its second pass and leaves a marker
+    naming the process, and the same command run again passes the point (each fault fires once)."""
+    from fac import faults
+
+    monkeypatch.delenv("FAC_FAULTS", raising=False)
+    faults.point("tts")  # nothing set: nothing happens
+    with pytest.raises(ValueError, match=r"FAC_FAULTS: 'tts@0' is not \[group:\]place\[@n\]"):
+        faults.planned("asr,tts@0")
+    script = "from fac import faults\nfor n in range(3):\n    faults.point('tts')\n    print(n, flush=True)\n"
+    faulty = dict(os.environ, FAC_FAULTS="asr,tts@2", FAC_FAULTS_FIRED=str(tmp_path / "fired"))
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=faulty, cwd=ROOT)
+    assert killed.returncode == -signal.SIGKILL and killed.stdout.split() == ["0"]
+    assert os.listdir(tmp_path / "fired") == ["tts@2"]
+    pid, *argv = (tmp_path / "fired/tts@2").read_text().split()  # the pid, then the command line (python -c: -c)
+    assert pid.isdigit() and argv == ["-c"]
+    again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=faulty, cwd=ROOT)
+    assert again.returncode == 0 and again.stdout.split() == ["0", "1", "2"]
 
 
 def test_a_write_killed_before_its_rename_leaves_no_temporary_after_the_next_write(tmp_path):

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import BUILT_DIGESTS
 from slurm_cluster import PARTITION, PROFILE, RUN, Unavailable, slurm_env, slurm_snakemake
-from workflow_helpers import BIN, ROOT, env
+from workflow_helpers import BIN, ROOT, digests, env
 
 # The rules of the micro world's data target, then the stage and its evaluation: one sbatch job each.
 DATA_RULES = {"world", "tts", "text_tokenizer", "asr_lm", "asr_filter", "noisy", "speech_tokenizer", "speech_tokens",
               "manifests", "data_report"}
-TIMINGS = {"wall_seconds", "step_seconds_mean", "tokens_per_second", "train_step_seconds", "train_tokens_per_second"}
 
 
 def submissions(proc: subprocess.CompletedProcess) -> dict[str, dict]:
@@ -46,25 +46,6 @@ def accounting(jobids: list[str]) -> dict[str, dict]:
                           capture_output=True, text=True, env=slurm_env(), check=True)
     rows = [line.split("|") for line in proc.stdout.splitlines() if line]
     return {r[0]: {"comment": r[1], "state": r[2], "tres": r[3]} for r in rows}
-
-
-def comparable(path: Path):
-    """A file's content as the comparison sees it: JSON without its wall-clock timings, else bytes."""
-    if path.suffix == ".json":
-        def strip(value):
-            if isinstance(value, dict):
-                return {k: strip(v) for k, v in value.items() if k not in TIMINGS}
-            if isinstance(value, list):
-                return [strip(v) for v in value]
-            return value
-        return strip(json.loads(path.read_text()))
-    return path.read_bytes()
-
-
-def outputs(results: Path) -> list[Path]:
-    skip = ("logs", "benchmarks", "state", "wandb")  # also the data folder's own logs/ and benchmarks/
-    return sorted(p.relative_to(results) for p in results.rglob("*") if p.is_file()
-                  and not set(p.relative_to(results).parts[:2]) & set(skip))
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +85,10 @@ def test_each_request_comes_from_params_and_the_profiles_overrides(slurm_run):
 
 def test_outputs_equal_the_local_runs(slurm_run, micro_run):
     workdir, _ = slurm_run
-    ours, local = workdir / "results" / "micro", micro_run / "results" / "micro"
-    files = outputs(ours)
-    assert "data/manifests/counts.json" in {str(f) for f in files} and "eval/base_llm.json" in {str(f) for f in files}
-    assert any(str(f).startswith("checkpoints/base_llm/") and f.suffix == ".safetensors" for f in files)
-    differ = [str(f) for f in files if comparable(ours / f) != comparable(local / f)]
+    ours, local = digests(workdir / "results" / "micro"), json.loads((micro_run / BUILT_DIGESTS).read_text())
+    assert "data/manifests/counts.json" in ours and "eval/base_llm.json" in ours
+    assert any(f.startswith("checkpoints/base_llm/") and f.endswith(".safetensors") for f in ours)
+    differ = [f for f, digest in ours.items() if local.get(f) != digest]
     assert differ == [], f"outputs of the SLURM run that differ from the local run's: {differ}"
 
 

@@ -186,7 +186,7 @@ def test_whole_dag_writes_per_stage_metrics(micro_run):
 
 
 def test_dpo_trains_on_pairs_of_the_four_dimensions_and_logs_rewards(micro_run):
-    pairs = [json.loads(line) for line in (micro_run / "results/micro/data/preferences.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (micro_run / "results/micro/preferences.jsonl").read_text().splitlines()]
     assert {p["dimension"] for p in pairs} == {"robustness", "instruction_following", "audio_understanding", "empathy"}
     for p in pairs:
         if p["dimension"] == "instruction_following":  # the same answer, said in the asked style or not

@@ -1,4 +1,6 @@
 """Run Snakemake on the project's workflow from a scratch folder, as a user would from the repo root."""
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -56,3 +58,44 @@ def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
         if m.group(1) != "total":
             jobs[m.group(1)] = int(m.group(2))
     return jobs
+
+
+# What differs between two runs of the same DAG without being an output: wall-clock figures in JSON files.
+TIMINGS = {"wall_seconds", "step_seconds_mean", "tokens_per_second", "train_step_seconds", "train_tokens_per_second"}
+
+
+def comparable(path: Path):
+    """A file's content as a comparison of two runs sees it: JSON without its wall-clock timings, else bytes."""
+    if path.suffix == ".json":
+        def strip(value):
+            if isinstance(value, dict):
+                return {k: strip(v) for k, v in value.items() if k not in TIMINGS}
+            if isinstance(value, list):
+                return [strip(v) for v in value]
+            return value
+        return strip(json.loads(path.read_text()))
+    if path.suffix == ".md" and path.read_text().startswith("| "):  # a table (metrics.md): its timing columns blank
+        rows = [line.split(" | ") for line in path.read_text().splitlines()]
+        drop = {i for i, name in enumerate(rows[0]) if name.strip("| ") in TIMINGS}
+        return "\n".join(" | ".join("" if i in drop else cell for i, cell in enumerate(row)) for row in rows).encode()
+    return path.read_bytes()
+
+
+def outputs(results: Path) -> list[Path]:
+    """An experiment's outputs (results/<exp>), relative: every file but logs, benchmarks, resume state and wandb
+    runs (also the data folder's own logs/ and benchmarks/)."""
+    skip = ("logs", "benchmarks", "state", "wandb")
+    return sorted(p.relative_to(results) for p in results.rglob("*") if p.is_file()
+                  and not set(p.relative_to(results).parts[:2]) & set(skip))
+
+
+def digests(results: Path, renamed: tuple[str, str] | None = None) -> dict[str, str]:
+    """outputs(results) -> sha256 of each one's comparable content: the hash manifest two runs are compared by.
+    `renamed` (old, new): the text `old` reads as `new` (another experiment's paths, results/<exp>/, as this one's)."""
+    def digest(path: Path) -> str:
+        content = comparable(path)
+        raw = content if isinstance(content, bytes) else json.dumps(content, sort_keys=True).encode()
+        if renamed:
+            raw = raw.replace(renamed[0].encode(), renamed[1].encode())
+        return hashlib.sha256(raw).hexdigest()
+    return {str(p): digest(results / p) for p in outputs(results)}

@@ -17,7 +17,7 @@ import numpy as np
 import pocketsphinx
 from tqdm import tqdm
 
-from fac import atomic
+from fac import atomic, faults
 from fac.data import audio
 
 # Upper edges of the WER histogram's bins, right-closed so that they agree with `wer <= max_wer`.
@@ -292,6 +292,7 @@ def _judge(utterances: list[dict], wav_dir: Path, recognizer: Recognizer, max_we
                 rate = word_error_rate(utterance["text"], transcript)
                 judged.append(dict(utterance, asr_text=transcript, wer=rate, kept=rate <= max_wer))
             bar.update(len(chunk))
+            faults.point("asr")
     return judged
 
 

@@ -86,8 +86,6 @@ def _save_folder(directory, config: dict, write_weights) -> None:
     atomic.write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
 
 
-
-
 class SpeechTokenizer:
     """Nearest-centroid coder of 25 Hz frame features; centroids learned with k-means."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fac import atomic
+from fac import atomic, faults
 from fac.data import world as world_mod
 from fac.data.plan import plan_utterances
 
@@ -218,6 +218,7 @@ def speech_tokens(tokenizer_dir: str, inputs: list[str], data_root: str, out_jso
     out = []
     for u in tqdm(rows, desc="speech tokens", mininterval=2):
         out.append({"id": u["id"], "codes": tok.encode(read_wav(Path(data_root) / u["path"]))})
+        faults.point("speech_tokens")
     write_jsonl(out, out_jsonl)
     stats = usage_stats([r["codes"] for r in out], codebook_size=tok.codebook_size)
     write_json(stats, out_stats)

@@ -5,6 +5,7 @@ Clips are written as 16 kHz wavs; a batch resumes after a kill without redoing f
 from __future__ import annotations
 
 import hashlib
+import logging
 import shlex
 import string
 import subprocess
@@ -14,8 +15,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from fac import faults
 from fac.data import audio
 from fac.data.voices import ESPEAK, check_voices, run_espeak
+
+log = logging.getLogger("fac.data")
 
 # espeak-ng's documented ranges; outside them it clamps silently or (amplitude 0) writes silence.
 RATE_RANGE = (80, 450)
@@ -146,6 +150,7 @@ def synthesize_all(jobs: list[dict], out_dir, workers: int = 2, desc: str = "tts
     synthesiser.check_voices([job["voice"] for job in jobs])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    kept = []
 
     def run(job: dict) -> dict:
         name = f"{job['id']}.wav"
@@ -153,12 +158,18 @@ def synthesize_all(jobs: list[dict], out_dir, workers: int = 2, desc: str = "tts
         if target.exists():
             try:
                 # A finished clip from an earlier (killed) run: keep it. A broken one is redone.
-                return dict(job, path=name, duration=len(audio.read_wav(target)) / audio.SAMPLE_RATE)
+                done = dict(job, path=name, duration=len(audio.read_wav(target)) / audio.SAMPLE_RATE)
+                kept.append(name)
+                return done
             except audio.AudioError:
                 pass
         duration = synthesiser.synthesize(job["text"], job["voice"], job["rate"], job["pitch"], job["amplitude"], target)
+        faults.point("tts")
         return dict(job, path=name, duration=duration)
 
     # Threads suffice: the work happens in the synthesiser's subprocesses, outside the GIL.
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(tqdm(pool.map(run, jobs), total=len(jobs), desc=desc, unit="clip"))
+        done = list(tqdm(pool.map(run, jobs), total=len(jobs), desc=desc, unit="clip"))
+    if kept:
+        log.info("%s: %d of %d clips kept from an earlier run (not spoken again)", desc, len(kept), len(jobs))
+    return done

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
+from fac import faults
 from fac.data.text_tokenizer import AUDIO_QUESTION_PROMPT, SYSTEM_PROMPTS
 from fac.devices import CPU, Placement, device_of, to_device
 from fac.model import load_checkpoint
@@ -80,6 +81,7 @@ def answers(model, data: SpokenData, records: list, desc: str, mode: str, budget
         out += generate_each(model, [data.prompt(rec, system) for rec in chunk], data.special, mode=mode,
                              budgets=budgets[start:start + window], batch_size=batch_size)
         bar.update(len(chunk))
+        faults.point("answers")
     bar.close()
     return out
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fac import atomic
+from fac import atomic, faults
 from fac.data.text_tokenizer import AUDIO_QUESTION_PROMPT, SYSTEM_PROMPTS
 from fac.devices import CPU, Placement, device_of, to_device
 from fac.model import load_checkpoint
@@ -130,6 +130,7 @@ def _generate_texts(model, tokenizer, features: FeatureCache, records: list[Spok
                for rec in tqdm(records, desc=f"{desc}: prompts", unit="clip")]
     with placement.autocast():
         said = generate_each(model, prompts, special, mode="s2t", budgets=[6] * len(prompts), batch_size=batch_size)
+    faults.point("preferences")
     return [tokenizer.decode(text, skip_special_tokens=True).strip() for text, _ in said]
 
 

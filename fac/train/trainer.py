@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
+from fac import faults
 from fac.atomic import named_failure
 
 log = logging.getLogger("fac.train")
@@ -214,6 +215,7 @@ class Trainer:
             last.rename(old)
         tmp.rename(last)
         shutil.rmtree(old, ignore_errors=True)
+        faults.point(f"saved.{self.name}")
 
     def load_state(self) -> bool:
         if self.ds is not None:

@@ -1,0 +1,81 @@
+"""The kill matrix, training half: every rule of the model half that takes more than a moment is SIGKILLed in the
+middle of its work (fac/faults.py: `FAC_FAULTS` names the points), the same command is run again until it ends, and
+the outputs are those of the run that was never killed (the micro experiment as built: its hash manifest). Where a
+rule keeps resume state (the training stages), the rerun starts from the last resume point instead of step 0.
+
+The killed experiment, `micro_killed`, is the micro experiment under another name, beside it in the micro_run folder:
+its data half has the same params, so it borrows micro's (rules/common.smk), and only the model half runs here. The
+data half's kill matrix is in tests/test_reliability.py."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+from conftest import BUILT_DIGESTS
+from fac.faults import marker_name, planned
+from workflow_helpers import BIN, digests, env, snakemake_args
+
+# fac.faults points ([group:]place[@n]): each kills the job that reaches it first, once.
+POINTS = {
+    "group:saved.base_llm@1": "the whole snakemake process group, once the base LLM has saved its first resume point",
+    "saved.encoder@1": "the encoder stage, once it has saved its first resume point (step 2 of 4)",
+    "write.stage1": "stage 1, its checkpoint written but not yet renamed into place",
+    "write.merged": "the merge, its checkpoint written but not yet renamed into place",
+    "preferences": "preference building, once the first candidates are generated",
+    "write.dpo": "DPO, its checkpoint written but not yet renamed into place",
+    "answers": "an evaluation, once its first questions are answered",
+}
+# Resume points the reruns start from: the stage's log -> the step (the last resume point before the kill).
+RESUMED = {"train/base_llm.log": 3, "train/encoder.log": 2, "train/stage1.log": 2}
+# The report shows every experiment under results/ side by side: the killed one's holds two, micro's as built one.
+ACROSS_EXPERIMENTS = {"report.html"}
+
+
+@pytest.fixture
+def killed_experiment(micro_run):
+    """results/micro_killed in the micro_run folder, removed afterwards: the other tests see micro_run as built."""
+    yield micro_run / "results/micro_killed"
+    shutil.rmtree(micro_run / "results/micro_killed", ignore_errors=True)
+
+
+def test_every_model_half_rule_killed_mid_work_reruns_to_the_uninterrupted_outputs(micro_run, killed_experiment,
+                                                                                    tmp_path):
+    overlay = tmp_path / "killed.yaml"
+    overlay.write_text("experiment: micro_killed\n")
+    overlays = ("tests/configs/micro.yaml", str(overlay))
+    fired = tmp_path / "fired"
+    faulty = dict(env(), FAC_FAULTS=",".join(POINTS), FAC_FAULTS_FIRED=str(fired))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        # Its own session: a `group:` point kills this snakemake's process group, never pytest's.
+        return subprocess.run([str(BIN / "snakemake"), *snakemake_args(micro_run, *args, overlays=overlays)],
+                              capture_output=True, text=True, env=faulty, cwd=micro_run, start_new_session=True)
+
+    codes = []
+    while len(codes) <= len(POINTS):
+        proc = run()
+        codes.append(proc.returncode)
+        if proc.returncode == 0:
+            break
+        if proc.returncode == -signal.SIGKILL:  # the whole group: its lock is left behind, as after a crash
+            assert run("--unlock").returncode == 0
+    assert codes[-1] == 0, f"still failing after {len(codes)} runs {codes}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    markers = {marker_name(*item) for item in planned(",".join(POINTS))}
+    assert sorted(os.listdir(fired)) == sorted(markers), "a point was never reached"
+    assert -signal.SIGKILL in codes and 1 in codes  # the group kill ended a run; a job's kill failed one
+
+    results = killed_experiment
+    for log, step in RESUMED.items():
+        assert f"resuming from step {step} " in (results / "logs" / log).read_text(), log
+    built = json.loads((micro_run / BUILT_DIGESTS).read_text())
+    model_half = {f: d for f, d in built.items() if not f.startswith("data/")}  # data/: the same folder, borrowed
+    # A stage's summary names its inputs' paths (results/micro_killed/checkpoints/...): they read as micro's.
+    ours = {f: d for f, d in digests(results, ("results/micro_killed/", "results/micro/")).items()
+            if not f.startswith("data/") and f != "data.from"}  # data.from: the record of whose data it borrows
+    assert sorted(ours) == sorted(model_half)
+    differ = [f for f in ours if ours[f] != model_half[f] and f not in ACROSS_EXPERIMENTS]
+    assert differ == [], f"outputs of the killed and rerun experiment that differ from the uninterrupted one: {differ}"
+    assert (results / "report.html").read_text().rstrip().endswith("</html>")
