@@ -178,7 +178,7 @@ def test_fac_eval_of_a_plain_llm_writes_text_qa_only(tiny_world, qwen3_dir, tmp_
 def test_spoken_units_stop_at_eos_and_drop_the_delay_tokens():
     from types import SimpleNamespace
 
-    from fac.eval.metrics import spoken_units
+    from fac.data.manifests import spoken_units
 
     cfg = SimpleNamespace(bos_token_id=16, eos_token_id=17)
     assert spoken_units([16, 16, 16, 3, 4, 16, 5, 17, 17, 6], cfg) == [3, 4, 5]
@@ -187,14 +187,14 @@ def test_spoken_units_stop_at_eos_and_drop_the_delay_tokens():
 
 @pytest.mark.parametrize("units, expected", [(20, True), (13, True), (11, False), (10, False), (6, False), (0, False)])
 def test_a_reply_follows_slowly_when_its_length_is_nearer_the_slow_answer(units, expected):
-    from fac.eval.metrics import follows_style
+    from fac.data.manifests import follows_style
 
     # normal answer 10 units, the slow one 16: the log-midpoint is sqrt(160) = 12.6
     assert follows_style(units, 16, 10) is expected
 
 
 def test_a_reply_follows_quickly_when_it_is_short_enough():
-    from fac.eval.metrics import follows_style
+    from fac.data.manifests import follows_style
 
     assert follows_style(6, 6, 10) and follows_style(7, 6, 10)
     assert not follows_style(8, 6, 10) and not follows_style(12, 6, 10)

@@ -7,6 +7,7 @@ bookkeeping: task, split, fact, voice...). Audio paths are relative to the exper
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from pathlib import Path
 
@@ -145,3 +146,29 @@ def read_manifest(path: str | Path) -> list[dict]:
     if not records:
         raise ValueError(f"{path}: manifest is empty")
     return records
+
+
+# The spoken reply's layout, read back: shared by evaluation and preference building (training never imports
+# evaluation), so both judge a generated reply the same way.
+def spoken_units(speech_ids: list[int], audio_config) -> list[int]:
+    """The speech codes of a generated spoken reply: everything before its eos, the delay's bos tokens dropped."""
+    units = []
+    for code in speech_ids:
+        if code == audio_config.eos_token_id:
+            break
+        if code < audio_config.bos_token_id:
+            units.append(code)
+    return units
+
+
+def follows_style(units: int, styled_units: int, normal_units: int) -> bool:
+    """A spoken reply follows a speaking-style instruction when its length is nearer, in log ratio, to the
+    answer said in that style than to the answer said normally (an empty reply never does)."""
+    if units <= 0 or styled_units <= 0 or normal_units <= 0:
+        return False
+    return abs(math.log(units / styled_units)) < abs(math.log(units / normal_units))
+
+
+def spoken_reply_budget(styled_units: int, group_size: int) -> int:
+    """LLM steps enough for a spoken reply twice the styled answer's length, its delay and the closing tokens."""
+    return -(-SPEECH_DELAY // group_size) + 2 * -(-styled_units // group_size) + 4

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from fac import faults
+from fac.data.manifests import follows_style, spoken_reply_budget, spoken_units
 from fac.data.text_tokenizer import AUDIO_QUESTION_PROMPT, SYSTEM_PROMPTS
 from fac.devices import CPU, Placement, device_of, to_device
 from fac.model import load_checkpoint
@@ -116,32 +116,6 @@ def paralinguistic_accuracy(model, data: SpokenData, name: str, tokenizer, batch
 
 
 INSTRUCT_TEST = "instruct_test"  # test questions asked with a speaking style (instruction following)
-
-
-def spoken_units(speech_ids: list[int], audio_config) -> list[int]:
-    """The speech codes of a generated spoken reply: everything before its eos, the delay's bos tokens dropped."""
-    units = []
-    for code in speech_ids:
-        if code == audio_config.eos_token_id:
-            break
-        if code < audio_config.bos_token_id:
-            units.append(code)
-    return units
-
-
-def follows_style(units: int, styled_units: int, normal_units: int) -> bool:
-    """A spoken reply follows a speaking-style instruction when its length is nearer, in log ratio, to the
-    answer said in that style than to the answer said normally (an empty reply never does)."""
-    if units <= 0 or styled_units <= 0 or normal_units <= 0:
-        return False
-    return abs(math.log(units / styled_units)) < abs(math.log(units / normal_units))
-
-
-def spoken_reply_budget(styled_units: int, group_size: int) -> int:
-    """LLM steps enough for a spoken reply twice the styled answer's length, its delay and the closing tokens."""
-    from fac.data.manifests import SPEECH_DELAY
-
-    return -(-SPEECH_DELAY // group_size) + 2 * -(-styled_units // group_size) + 4
 
 
 @torch.no_grad()

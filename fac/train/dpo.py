@@ -21,7 +21,7 @@ Preference pairs come from the stage-2 model's own outputs and the world's groun
   chosen over the reply that fits another one;
 - instruction_following: a training question whose system prompt asks for a speaking style ("Say the
   answer slowly."); the answer said in that style chosen over the model's own spoken answer when its length
-  does not follow the style (fac.eval.metrics.follows_style), else over the answer said normally (text and
+  does not follow the style (fac.data.manifests.follows_style), else over the answer said normally (text and
   speech; the text is the true answer on both sides, so the pair is about how it is said).
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fac import atomic, faults
+from fac.data.manifests import follows_style, spoken_reply_budget, spoken_units
 from fac.data.text_tokenizer import AUDIO_QUESTION_PROMPT, SYSTEM_PROMPTS
 from fac.devices import CPU, Placement, device_of, to_device
 from fac.model import load_checkpoint
@@ -138,7 +139,6 @@ def _generate_texts(model, tokenizer, features: FeatureCache, records: list[Spok
 def _generate_units(model, tokenizer, features: FeatureCache, records: list[SpokenRecord], special, g,
                     placement: Placement, batch_size: int) -> list[list[int]]:
     """The speech codes of the model's greedy spoken answer to each record, under the record's own system prompt."""
-    from fac.eval.metrics import spoken_reply_budget, spoken_units
     from fac.model.generation import generate_each
     from fac.model.processing import build_prompt
 
@@ -157,7 +157,6 @@ def build_preferences(model_dir: str, manifest_dir: str, data_root: str, world_d
     manifest is absent gets none), generated on `placement` (fac.devices.resolve; `fac train preferences --gpus
     --precision`): its device, under autocast in its dtype on GPU; `batch_size` greedy answers per left-padded
     batch, each exactly its one-at-a-time answer."""
-    from fac.eval.metrics import follows_style
     from fac.train.stages import load_tokenizer
 
     model = load_checkpoint(model_dir).eval().to(placement.device)
