@@ -60,9 +60,10 @@ data: setup data/world/lexicon.yaml
 
 # Two pytest-xdist workers (most of a test's time is a job's start-up, one core's work); tests that share a built
 # experiment run on one worker, the heaviest first (tests/conftest.py). TEST_WORKERS=0 runs them in one process.
+# The 25 slowest tests are listed at the end (where the time goes).
 TEST_WORKERS ?= 2
 test: setup data/world/lexicon.yaml
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=25 $(ARGS)
 
 # A one-node SLURM cluster on this machine (root: installs Debian's slurm and mariadb packages) to try the slurm
 # profile; tests/test_slurm.py starts it itself.

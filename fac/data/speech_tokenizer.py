@@ -13,7 +13,6 @@ import numpy as np
 import safetensors.numpy
 import torch
 import torchaudio.compliance.kaldi
-from sklearn.cluster import MiniBatchKMeans
 
 from fac import atomic
 from fac.data.audio import SAMPLE_RATE
@@ -119,6 +118,8 @@ class SpeechTokenizer:
         if len(frames) > max_frames:
             # Sorted indices keep the sample's order stable, so the same seed gives the same fit.
             frames = frames[np.sort(rng.choice(len(frames), size=max_frames, replace=False))]
+        from sklearn.cluster import MiniBatchKMeans  # here: 1.7 s to import, and only training needs it
+
         kmeans = MiniBatchKMeans(n_clusters=codebook_size, n_init=3, random_state=seed)
         kmeans.fit(frames.astype(np.float32))
         return cls(kmeans.cluster_centers_, n_mels=n_mels)
