@@ -66,6 +66,12 @@ def _data(args) -> None:
         steps.speech_tokens(args.tokenizer, args.inputs, args.data_root, args.out, args.stats)
     elif step == "manifests":
         steps.make_manifests(p, args.inputs, args.tokens, args.out)
+    elif step == "detokenizer":
+        from fac.data.speech_tokenizer import load_speech_tokenizer
+
+        codebook = load_speech_tokenizer(args.tokenizer).codebook_size
+        steps.train_detokenizer(p, codebook, args.filtered, args.tokens, args.lm, args.data_root, args.out,
+                                int(args.threads))
     elif step == "text-corpus":
         from fac.data.spoken import text_corpus
 
@@ -354,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     step("speech-tokens", "encode every utterance into speech units", "--tokenizer", "--inputs", "--data-root",
          "--out", "--stats")
     step("manifests", "write conversation manifests", "--params", "--inputs", "--tokens", "--out")
+    step("detokenizer", "train the units -> speech detokenizer on the assistant's clips, measure resynthesis",
+         "--params", "--tokenizer", "--filtered", "--tokens", "--lm?", "--data-root", "--out", "--threads")
     step("text-corpus", "data source text: the conversations' sentences and words (the ASR scorer's LM)",
          "--source", "--names", "--out")
     step("speak", "data source text: speak one shard of a conversation file, ASR-filter it, write it officially",

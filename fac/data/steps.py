@@ -290,3 +290,68 @@ def data_report(tts_jsonl: str, filtered: str, asr_report: str, noisy: str, toke
     lines += ["", f"![WER histogram]({Path(out_png).name})", ""]
     Path(out_md).write_text("\n".join(lines))
     return report
+
+
+def train_detokenizer(params: dict, codebook_size: int, filtered: str, tokens: str, lm_dir: str | None,
+                      data_root: str, out_dir: str, threads: int = 1) -> dict:
+    """The tiny detokenizer (fac.data.detokenizer): trained on the clips of the training voices and the assistant
+    and their units, to speak in the assistant's voice, then measured on the assistant's clips of held-out answer
+    values: the ASR scorer's WER of the original clips, of their own mel through the vocoder, and of their units
+    spoken again (resynthesis), and the flow's mel L1 against the clips' own mel. The folder holds the detokenizer
+    and `quality.json`. `params`: `detokenizer` (channels, layers, kernel, dilations, steps, batch_size, lr, seed,
+    sampling_steps, griffin_lim_iterations, held_out_every, test_clips) and `asr` (the scorer, with the LM in
+    `lm_dir` for pocketsphinx)."""
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    from fac.data.asr import recognizer, word_error_rate
+    from fac.data.audio import read_wav
+    from fac.data.detokenizer import log_mel, train_flow_detokenizer
+
+    torch.set_num_threads(threads)
+    params, asr = params["detokenizer"], params["asr"]
+    rows = read_jsonl(filtered)
+    codes = {r["id"]: r["codes"] for r in read_jsonl(tokens)}
+    clips = [u for u in rows if u["split"] in ("train", "assistant") and codes.get(u["id"])]  # no held-out voice
+    assistant = [u for u in clips if u["split"] == "assistant"]
+    # The assistant speaks the answers' values, each in every style: one value in `held_out_every` is held out
+    # (all the assistant's clips of it), so that resynthesis is measured on words the flow never heard it say.
+    values = sorted({u["text"] for u in assistant})
+    held_out = set(values[::params["held_out_every"]])
+    train = [u for u in clips if not (u["split"] == "assistant" and u["text"] in held_out)]
+    test = [u for u in assistant if u["text"] in held_out][: params["test_clips"]]
+    if not assistant or not test:
+        raise ValueError(f"{filtered}: {len(assistant)} clips of the assistant, {len(test)} of them held out; the "
+                         "detokenizer needs the assistant's voice to learn and held-out clips to measure")
+    voice = assistant[0]["voice"]
+    examples = [(codes[u["id"]], log_mel(read_wav(Path(data_root) / u["path"]), len(codes[u["id"]])), u["voice"])
+                for u in tqdm(train, desc="detokenizer: mel", unit="clip", mininterval=2)]
+    started = time.time()
+    bar = tqdm(total=params["steps"], desc="detokenizer: flow", unit="step", mininterval=2)
+    detokenizer, losses = train_flow_detokenizer(examples, codebook_size, voice, params,
+                                                 progress=lambda loss: bar.update(1))
+    bar.close()
+    train_seconds = time.time() - started
+    scorer = recognizer(asr, lm_dir)
+    original, inverted, resynthesised, mel_l1 = [], [], [], []
+    for u in tqdm(test, desc="detokenizer: resynthesis", unit="clip", mininterval=2):
+        units = codes[u["id"]]
+        samples = read_wav(Path(data_root) / u["path"])
+        mel = log_mel(samples, len(units))
+        mel_l1.append(float((detokenizer.mel(units) - mel).abs().mean()))
+        # The clip's own mel through the vocoder: what the vocoder alone costs (a flow that were exact would get it).
+        heard = scorer.transcribe_batch([samples, detokenizer.vocoder(mel), detokenizer.synthesize(units)])
+        for rates, transcript in zip((original, inverted, resynthesised), heard):
+            rates.append(word_error_rate(u["text"], transcript))
+    quality = {"train_clips": len(train), "voices": len(detokenizer.config["voices"]), "voice": voice,
+               "test_clips": len(test), "steps": params["steps"],
+               "train_seconds": round(train_seconds, 1), "final_loss": round(statistics.fmean(losses[-50:]), 4),
+               "wer_original": round(statistics.fmean(original), 4),
+               "wer_vocoder_of_original_mel": round(statistics.fmean(inverted), 4),
+               "wer_resynthesised": round(statistics.fmean(resynthesised), 4),
+               "mel_l1": round(statistics.fmean(mel_l1), 4)}
+    detokenizer.save(out_dir, extra={"quality.json": json.dumps(quality, indent=2) + "\n"})
+    log.info("detokenizer: %s", quality)
+    return quality

@@ -1,0 +1,96 @@
+"""The tiny detokenizer (fac/data/detokenizer.py): units -> mel by flow matching, mel -> wav by Griffin-Lim."""
+import numpy as np
+import pytest
+import torch
+
+from fac.data.audio import SAMPLE_RATE
+from fac.data.detokenizer import (FRAMES_PER_UNIT, N_MELS, FlowDetokenizer, load_detokenizer, log_mel,
+                                  train_flow_detokenizer)
+
+PARAMS = {"channels": 64, "layers": 3, "kernel": 5, "dilations": 3, "sampling_steps": 8, "griffin_lim_iterations": 8,
+          "steps": 300,
+          "batch_size": 8, "lr": 1e-2, "seed": 0}
+CODEBOOK = 6
+
+
+def tone_clip(units: list[int], voice: str = "low") -> np.ndarray:
+    """A clip whose every 40 ms unit is a tone of its own pitch (unit u at 300 + 250 u Hz in voice "low", an octave
+    higher in voice "high"): units and voice say the mel."""
+    t = np.arange(640) / SAMPLE_RATE
+    scale = 2.0 if voice == "high" else 1.0
+    return np.concatenate([0.4 * np.sin(2 * np.pi * scale * (300 + 250 * u) * t) for u in units]).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    rng = np.random.default_rng(0)
+    out = []
+    for n in range(32):
+        units = [int(u) for u in np.repeat(rng.integers(0, CODEBOOK, size=6), rng.integers(1, 4, size=6))]
+        voice = ("low", "high")[n % 2]
+        out.append((units, log_mel(tone_clip(units, voice), len(units)), voice))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(examples, one_thread):
+    return train_flow_detokenizer(examples, CODEBOOK, "low", PARAMS)
+
+
+def test_log_mel_has_four_frames_per_unit():
+    mel = log_mel(tone_clip([0, 1, 2]), 3)
+    assert mel.shape == (3 * FRAMES_PER_UNIT, N_MELS)
+    assert int(mel[2].argmax()) < int(mel[10].argmax())  # the higher tone's energy sits in a higher bin
+
+
+def test_training_lowers_the_flow_loss_and_the_sampled_mel_approaches_the_clips(examples, trained):
+    """Learning: the flow-matching loss falls, and mel sampled from held-out units is nearer the clip's mel than
+    what the untrained flow samples (noise around the mean frame)."""
+    detokenizer, losses = trained
+    assert np.mean(losses[-20:]) < 0.7 * np.mean(losses[:10])  # (x0 is noise: the loss has a floor above 0)
+    untrained, _ = train_flow_detokenizer(examples, CODEBOOK, "low", dict(PARAMS, steps=0))
+    units = [0, 0, 3, 3, 5, 1, 1, 4]
+    target = log_mel(tone_clip(units), len(units))
+    error = (detokenizer.mel(units) - target).abs().mean()
+    baseline = (untrained.mel(units) - target).abs().mean()
+    assert error < 0.5 * baseline, (float(error), float(baseline))
+
+
+def test_synthesis_speaks_640_samples_per_unit_and_drops_ids_outside_the_codebook(trained):
+    detokenizer, _ = trained
+    wave = detokenizer.synthesize([0, 2, 4, CODEBOOK, CODEBOOK + 1, 1])
+    assert wave.dtype == np.float32 and len(wave) == 4 * 640 and detokenizer.sample_rate == SAMPLE_RATE
+    assert 0.1 < np.abs(wave).max() <= 1.0
+    assert len(detokenizer.synthesize([CODEBOOK])) == 0
+
+
+def test_a_saved_detokenizer_loads_and_speaks_the_same_and_another_folder_is_named(trained, tmp_path):
+    detokenizer, _ = trained
+    detokenizer.save(tmp_path / "detok")
+    again = load_detokenizer(tmp_path / "detok")
+    assert isinstance(again, FlowDetokenizer)
+    assert np.array_equal(again.synthesize([1, 2, 3]), detokenizer.synthesize([1, 2, 3]))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other/config.json").write_text('{"model_type": "fac_speech_tokenizer"}')
+    (tmp_path / "other/model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"other/config.json: model_type 'fac_speech_tokenizer' is not a detok"):
+        load_detokenizer(tmp_path / "other")
+    with pytest.raises(FileNotFoundError, match=r"missing/config.json: missing"):
+        load_detokenizer(tmp_path / "missing")
+
+
+def test_no_example_is_an_error_that_says_what_was_expected():
+    with pytest.raises(ValueError, match="expected synthesised clips"):
+        train_flow_detokenizer([], CODEBOOK, "low", PARAMS)
+
+
+def test_it_speaks_in_the_voice_it_is_asked_for(examples, trained):
+    """Conditioned on the speaker: the same units in the "high" voice put their energy an octave above "low"'s
+    (the default, the voice it was trained to speak in); a voice it never heard is named."""
+    detokenizer, _ = trained
+    units = [1, 1, 1, 1]
+    low, high = detokenizer.mel(units), detokenizer.mel(units, voice="high")
+    assert detokenizer.config["voice"] == "low" and detokenizer.config["voices"] == ["high", "low"]
+    assert int(high.mean(0).argmax()) > int(low.mean(0).argmax()) + 5
+    with pytest.raises(ValueError, match=r"voice 'en-us\+f2': not one this detokenizer learned"):
+        detokenizer.mel(units, voice="en-us+f2")
