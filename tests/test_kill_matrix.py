@@ -7,16 +7,13 @@ The killed experiment, `micro_killed`, is the micro experiment under another nam
 its data half has the same params, so it borrows micro's (rules/common.smk), and only the model half runs here. The
 data half's kill matrix is in tests/test_reliability.py."""
 import json
-import os
 import shutil
 import signal
-import subprocess
 
 import pytest
 
 from conftest import BUILT_DIGESTS
-from fac.faults import marker_name, planned
-from workflow_helpers import BIN, digests, env, snakemake_args
+from workflow_helpers import digests, rerun_through_faults
 
 # fac.faults points ([group:]place[@n]): each kills the job that reaches it first, once.
 POINTS = {
@@ -47,26 +44,7 @@ def test_every_model_half_rule_killed_mid_work_reruns_to_the_uninterrupted_outpu
     overlay = tmp_path / "killed.yaml"
     overlay.write_text("experiment: micro_killed\n")
     overlays = ("tests/configs/micro.yaml", str(overlay))
-    fired = tmp_path / "fired"
-    faulty = dict(env(), FAC_FAULTS=",".join(POINTS), FAC_FAULTS_FIRED=str(fired))
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        # Its own session: a `group:` point kills this snakemake's process group, never pytest's.
-        return subprocess.run([str(BIN / "snakemake"), *TARGETS, *args,
-                               *snakemake_args(micro_run, overlays=overlays)],
-                              capture_output=True, text=True, env=faulty, cwd=micro_run, start_new_session=True)
-
-    codes = []
-    while len(codes) <= len(POINTS):
-        proc = run()
-        codes.append(proc.returncode)
-        if proc.returncode == 0:
-            break
-        if proc.returncode == -signal.SIGKILL:  # the whole group: its lock is left behind, as after a crash
-            assert run("--unlock").returncode == 0
-    assert codes[-1] == 0, f"still failing after {len(codes)} runs {codes}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
-    markers = {marker_name(*item) for item in planned(",".join(POINTS))}
-    assert sorted(os.listdir(fired)) == sorted(markers), "a point was never reached"
+    codes = rerun_through_faults(micro_run, *TARGETS, points=POINTS, fired=tmp_path / "fired", overlays=overlays)
     assert -signal.SIGKILL in codes and 1 in codes  # the group kill ended a run; a job's kill failed one
 
     results = killed_experiment

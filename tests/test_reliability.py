@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from fac.model import FunAudioChatForConditionalGeneration, load_checkpoint
 from fac.train.merge import merge_checkpoints
 from train_fixtures import one_thread, save_random_drsr, tiny_world  # noqa: F401 (fixtures)
-from workflow_helpers import BIN, ROOT, digests, env, snakemake_args
+from workflow_helpers import BIN, ROOT, digests, env, rerun_through_faults, snakemake_args
 
 
 def disk_full() -> OSError:
@@ -324,27 +324,9 @@ def test_every_data_rule_killed_mid_work_reruns_to_the_uninterrupted_outputs(uni
     """Each data rule that takes more than a moment is SIGKILLed in the middle of its work (fac/faults.py), the same
     command is run again until it ends, and the data half is byte for byte that of the run never killed; the tts
     job speaks no clip twice (a finished clip of the killed run is kept)."""
-    from fac.faults import marker_name, planned
-
-    fired = tmp_path / "fired"
-    faulty = dict(env(), FAC_FAULTS=",".join(DATA_POINTS), FAC_FAULTS_FIRED=str(fired))
     work = tmp_path / "killed"
     work.mkdir()
-    def run(*args: str) -> subprocess.CompletedProcess:
-        # Its own session: a `group:` point kills this snakemake's process group, never pytest's.
-        return subprocess.run([str(BIN / "snakemake"), *snakemake_args(work, "data", *args)], capture_output=True,
-                              text=True, env=faulty, cwd=work, start_new_session=True)
-
-    codes = []
-    while len(codes) <= len(DATA_POINTS):
-        proc = run()
-        codes.append(proc.returncode)
-        if proc.returncode == 0:
-            break
-        if proc.returncode == -signal.SIGKILL:  # the whole group: its lock is left behind, as after a crash
-            assert run("--unlock").returncode == 0
-    assert codes[-1] == 0, f"still failing after {len(codes)} runs {codes}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
-    assert sorted(os.listdir(fired)) == sorted(marker_name(*item) for item in planned(",".join(DATA_POINTS)))
+    codes = rerun_through_faults(work, "data", points=DATA_POINTS, fired=tmp_path / "fired")
     assert -signal.SIGKILL in codes and 1 in codes  # the group kill ended a run; a job's kill failed one
     assert digests(work / "results/micro") == uninterrupted_data
     tts_log = (work / "results/micro/data/logs/tts.log").read_text()

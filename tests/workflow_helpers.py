@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,31 @@ def digests(results: Path, renamed: tuple[str, str] | None = None) -> dict[str, 
             raw = raw.replace(renamed[0].encode(), renamed[1].encode())
         return hashlib.sha256(raw).hexdigest()
     return {str(p): digest(results / p) for p in outputs(results)}
+
+
+def rerun_through_faults(workdir: Path, *targets: str, points, fired: Path,
+                         overlays=("tests/configs/micro.yaml",)) -> list[int]:
+    """The kill matrix's loop: `snakemake targets` with the fac.faults `points` armed (markers in `fired`), run again
+    until it ends (`--unlock` first after a run whose whole process group was killed), at most once per point more
+    than there are points. Asserts that it ended and that every point fired; returns every run's return code."""
+    from fac.faults import marker_name, planned
+
+    spec = ",".join(points)
+    faulty = dict(env(), FAC_FAULTS=spec, FAC_FAULTS_FIRED=str(fired))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        # Its own session: a `group:` point kills this snakemake's process group, never pytest's.
+        return subprocess.run([str(BIN / "snakemake"), *targets, *args, *snakemake_args(workdir, overlays=overlays)],
+                              capture_output=True, text=True, env=faulty, cwd=workdir, start_new_session=True)
+
+    codes = []
+    while len(codes) <= len(points):
+        proc = run()
+        codes.append(proc.returncode)
+        if proc.returncode == 0:
+            break
+        if proc.returncode == -signal.SIGKILL:  # the whole group: its lock is left behind, as after a crash
+            assert run("--unlock").returncode == 0
+    assert codes[-1] == 0, f"still failing after {len(codes)} runs {codes}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    assert sorted(os.listdir(fired)) == sorted(marker_name(*item) for item in planned(spec)), "a point never fired"
+    return codes
