@@ -15,6 +15,7 @@ recordings and 0.30 for their own mel through Griffin-Lim).
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -36,7 +37,9 @@ FRAMES_PER_UNIT = SAMPLE_RATE // UNIT_RATE // HOP_LENGTH  # 4
 LOG_FLOOR = 1e-5
 
 
+@functools.lru_cache(maxsize=1)
 def _mel_transform() -> torch.nn.Module:
+    """One filterbank for every clip (log_mel runs once per training clip)."""
     import torchaudio
 
     return torchaudio.transforms.MelSpectrogram(sample_rate=SAMPLE_RATE, n_fft=N_FFT, win_length=WIN_LENGTH,
