@@ -67,10 +67,7 @@ def _data(args) -> None:
     elif step == "manifests":
         steps.make_manifests(p, args.inputs, args.tokens, args.out)
     elif step == "detokenizer":
-        from fac.data.speech_tokenizer import load_speech_tokenizer
-
-        codebook = load_speech_tokenizer(args.tokenizer).codebook_size
-        steps.train_detokenizer(p, codebook, args.filtered, args.tokens, args.lm, args.data_root, args.out,
+        steps.train_detokenizer(p, args.tokenizer, args.filtered, args.tokens, args.lm, args.data_root, args.out,
                                 int(args.threads))
     elif step == "text-corpus":
         from fac.data.spoken import text_corpus
@@ -232,16 +229,23 @@ def _version(args) -> None:
 
 
 def _infer(args) -> None:
-    from fac.eval.infer import answer
+    from fac.eval.infer import answer, speak
 
+    if args.speak and args.mode != "s2m":
+        raise SystemExit("fac infer: --speak needs --mode s2m (the speech tokens it speaks)")
     result = answer(args.model, args.audio, mode=args.mode, max_new_tokens=args.max_new_tokens,
                     sample=args.sample, seed=args.seed)
+    if args.speak:
+        result["wav"] = speak(result["speech_tokens"], args.speak, args.detokenizer or
+                              str(Path(args.model).resolve().parent.parent / "data" / "detokenizer"))
     if args.json:
         print(json.dumps(result))
     else:
         print(result["text"])
         if args.mode == "s2m":
             print("speech tokens:", " ".join(map(str, result["speech_tokens"])))
+        if args.speak:
+            print("spoken answer:", result["wav"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--max-new-tokens", type=int, default=32)
     infer.add_argument("--sample", action="store_true", help="sample speech (official settings) instead of greedy")
     infer.add_argument("--seed", type=int, default=0)
+    infer.add_argument("--speak", metavar="WAV", help="write the spoken answer (--mode s2m) to this wav")
+    infer.add_argument("--detokenizer", help="the detokenizer folder (default: the experiment's data/detokenizer, "
+                                             "two folders above --model)")
     infer.set_defaults(func=_infer)
 
     step("world", "build the knowledge base, documents and QA pairs", "--params", "--source", "--out")
@@ -360,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     step("speech-tokens", "encode every utterance into speech units", "--tokenizer", "--inputs", "--data-root",
          "--out", "--stats")
     step("manifests", "write conversation manifests", "--params", "--inputs", "--tokens", "--out")
-    step("detokenizer", "train the units -> speech detokenizer on the assistant's clips, measure resynthesis",
+    step("detokenizer", "train the units -> speech detokenizer in the assistant's voice, measure resynthesis",
          "--params", "--tokenizer", "--filtered", "--tokens", "--lm?", "--data-root", "--out", "--threads")
     step("text-corpus", "data source text: the conversations' sentences and words (the ASR scorer's LM)",
          "--source", "--names", "--out")

@@ -120,7 +120,7 @@ def validate(config: dict, origin: str = "params") -> dict:
     return config
 
 
-WORLD_SECTIONS = ("world", "tts", "paraling", "instruction", "asr", "noise", "manifests")
+WORLD_SECTIONS = ("world", "tts", "paraling", "instruction", "asr", "noise", "manifests", "detokenizer")
 # Source text speaks and filters its conversations: tts and asr are read, less the keys about the world's plan.
 WORLD_ONLY_KEYS = {"tts": ("questions_per_train_fact", "questions_per_test_fact", "statements_per_train_fact"),
                    "asr": ("filter_splits",)}

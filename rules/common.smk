@@ -362,6 +362,7 @@ def data_targets():
         f"{DATA}/report.md",
         f"{DATA}/tokenizer/tokenizer.json",
         f"{DATA}/speech_tokenizer",
+        f"{DATA}/detokenizer",
     ]
 
 

@@ -120,6 +120,35 @@ rule speech_tokens:
         " --data-root {params.root} --out {output.tokens} --stats {output.stats} 2> {log}"
 
 
+rule detokenizer:
+    """Speech out: units -> speech in the assistant's voice (flow matching to mel, Griffin-Lim), trained on the
+    assistant's answer clips and the training sentences spoken again in its voice (clips in tts/detokenizer), its
+    resynthesis measured by the ASR scorer on held-out answer values (quality.json)."""
+    input:
+        unpack(asr_scorer_inputs),
+        tokenizer=rules.speech_tokenizer.output[0],
+        kept=rules.asr_filter.output.kept,
+        tokens=rules.speech_tokens.output.tokens,
+    output:
+        directory(f"{DATA}/detokenizer"),
+    params:
+        root=data_root,
+        cfg=as_json({"detokenizer": config["detokenizer"], "tts": config["tts"], "asr": config["asr"]}),
+        lm=asr_lm_flag,
+    threads: config["threads"]
+    resources:
+        **group_resources("data"),
+    conda:
+        ENV
+    log:
+        f"{DATA_LOGS}/detokenizer.log",
+    benchmark:
+        f"{DATA_BENCH}/detokenizer.tsv"
+    shell:
+        "fac data detokenizer --params {params.cfg} --tokenizer {input.tokenizer} --filtered {input.kept}"
+        " --tokens {input.tokens} {params.lm} --data-root {params.root} --out {output} --threads {threads} 2> {log}"
+
+
 rule manifests:
     input:
         kept=rules.asr_filter.output.kept,

@@ -7,9 +7,9 @@ from fac.data.audio import SAMPLE_RATE
 from fac.data.detokenizer import (FRAMES_PER_UNIT, N_MELS, FlowDetokenizer, load_detokenizer, log_mel,
                                   train_flow_detokenizer)
 
-PARAMS = {"channels": 64, "layers": 3, "kernel": 5, "dilations": 3, "sampling_steps": 8, "griffin_lim_iterations": 8,
-          "steps": 300,
-          "batch_size": 8, "lr": 1e-2, "seed": 0}
+PARAMS = {"channels": 64, "layers": 3, "kernel": 5, "dilations": 3, "unit_layers": 1, "sampling_steps": 8,
+          "temperature": 1.0, "griffin_lim_iterations": 8, "steps": 300, "batch_size": 8, "crop_units": 8, "lr": 1e-2,
+          "seed": 0}
 CODEBOOK = 6
 
 
@@ -94,3 +94,30 @@ def test_it_speaks_in_the_voice_it_is_asked_for(examples, trained):
     assert int(high.mean(0).argmax()) > int(low.mean(0).argmax()) + 5
     with pytest.raises(ValueError, match=r"voice 'en-us\+f2': not one this detokenizer learned"):
         detokenizer.mel(units, voice="en-us+f2")
+
+
+def test_temperature_scales_the_starting_noise(trained):
+    """At temperature 0 the flow starts from the mean (zero noise): the seed no longer matters; at 1 it does."""
+    detokenizer, _ = trained
+    units = [0, 2, 2, 5]
+    config = dict(detokenizer.config)
+    try:
+        detokenizer.config["temperature"] = 0.0
+        assert torch.equal(detokenizer.mel(units, seed=0), detokenizer.mel(units, seed=1))
+        detokenizer.config["temperature"] = 1.0
+        assert not torch.equal(detokenizer.mel(units, seed=0), detokenizer.mel(units, seed=1))
+    finally:
+        detokenizer.config.update(config)
+
+
+def test_training_windows_are_crops_of_the_clips_aligned_with_their_units():
+    from fac.data.detokenizer import _crop
+
+    units = list(range(20))
+    mel = torch.arange(80, dtype=torch.float32)[:, None].expand(80, N_MELS)  # frame i holds i
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        part, frames, voice = _crop((units, mel, "v"), 6, rng)
+        assert len(part) == 6 and voice == "v" and frames.shape == (6 * FRAMES_PER_UNIT, N_MELS)
+        assert int(frames[0, 0]) == FRAMES_PER_UNIT * part[0] and part == list(range(part[0], part[0] + 6))
+    assert _crop((units, mel, "v"), 0, rng)[0] == units and _crop((units[:4], mel[:16], "v"), 6, rng)[0] == units[:4]

@@ -68,6 +68,16 @@ def _json_answer(proc, workspace):
     assert result["mode"] == "s2m" and isinstance(result["text"], str) and isinstance(result["speech_tokens"], list)
 
 
+def _spoken(proc, workspace):
+    _ok(proc, workspace)
+    from fac.data.audio import read_wav
+
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "spoken answer: answer.wav", proc.stdout
+    units = lines[-2].removeprefix("speech tokens:").split()
+    assert len(read_wav(workspace / "answer.wav")) == 640 * len(units)  # read_wav refuses a silent file
+
+
 def _merged(proc, workspace):
     _ok(proc, workspace)
     assert (workspace / "merged_0.3/config.json").is_file() and (workspace / "merged_0.3/model.safetensors").is_file()
@@ -85,6 +95,7 @@ RUN = {
     ".venv/bin/fac params check params/default.yaml my_overlay.yaml": ("", _params_ok),
     f".venv/bin/fac infer --model {STAGES}/stage2 --audio question.wav": ("", _text_answer),
     f".venv/bin/fac infer --model {STAGES}/stage2 --audio question.wav --mode s2m --json": ("", _json_answer),
+    f".venv/bin/fac infer --model {STAGES}/stage2 --audio question.wav --mode s2m --speak answer.wav": ("", _spoken),
     f".venv/bin/fac merge --base {STAGES}/prealign --other {STAGES}/stage1 --alpha 0.3 --out merged_0.3": ("", _merged),
 }
 SKIP = {

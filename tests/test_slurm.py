@@ -20,7 +20,7 @@ from workflow_helpers import BIN, ROOT, digests, env
 
 # The rules of the micro world's data target, then the stage and its evaluation: one sbatch job each.
 DATA_RULES = {"world", "tts", "text_tokenizer", "asr_lm", "asr_filter", "noisy", "speech_tokenizer", "speech_tokens",
-              "manifests", "data_report"}
+              "detokenizer", "manifests", "data_report"}
 
 
 def submissions(proc: subprocess.CompletedProcess) -> dict[str, dict]:

@@ -10,7 +10,7 @@ import pytest
 from workflow_helpers import BIN, ROOT, env, planned_jobs, snakemake, snakemake_args
 
 DATA_RULES = {"world", "text_tokenizer", "tts", "asr_lm", "asr_filter", "noisy", "speech_tokenizer",
-              "speech_tokens", "manifests", "data_report"}
+              "speech_tokens", "detokenizer", "manifests", "data_report"}
 TRAIN_RULES = {"base_llm", "encoder", "init_model", "train_drsr", "merge", "preferences", "dpo", "evaluate", "metrics", "report"}
 
 
@@ -352,30 +352,47 @@ def test_init_from_released_weights_starts_from_that_folder_instead_of_the_assem
     assert missing.returncode != 0 and "no/such/folder" in missing.stdout + missing.stderr
 
 
-def test_the_detokenizer_step_trains_on_a_built_data_half_and_measures_resynthesis(micro_run, tmp_path):
-    """`fac data detokenizer` on the micro experiment's data: the flow learns from the training voices' and the
-    assistant's clips (never a held-out voice's), and quality.json scores the assistant's held-out answers three
-    ways with the world's ASR scorer: as recorded, their own mel through Griffin-Lim, their units resynthesised."""
+def test_the_detokenizer_rule_learns_the_assistants_voice_and_measures_held_out_answers(micro_run):
+    """Rule detokenizer on the micro world: the flow learns from the assistant's answer clips and the training
+    sentences spoken again in its voice (tts/detokenizer), none with a held-out answer word, and quality.json scores
+    the held-out answers with the world's ASR scorer three ways: as recorded, their own mel through Griffin-Lim, their
+    units resynthesised."""
     from fac.data.detokenizer import load_detokenizer
 
     data = micro_run / "results/micro/data"
-    cfg = {"detokenizer": {"channels": 16, "layers": 2, "kernel": 5, "dilations": 2, "steps": 10, "batch_size": 4,
-                           "lr": 2e-3, "seed": 0, "sampling_steps": 4, "griffin_lim_iterations": 4,
-                           "held_out_every": 5, "test_clips": 4},
-           "asr": {"engine": "pocketsphinx"}}
-    out = tmp_path / "detokenizer"
-    proc = subprocess.run([str(BIN / "fac"), "data", "detokenizer", "--params", json.dumps(cfg), "--tokenizer",
-                           str(data / "speech_tokenizer"), "--filtered", str(data / "asr/filtered.jsonl"), "--tokens",
-                           str(data / "speech_tokens/tokens.jsonl"), "--lm", str(data / "asr"), "--data-root", str(data),
-                           "--out", str(out), "--threads", "1"], capture_output=True, text=True, env=env(), cwd=micro_run)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    quality = json.loads((out / "quality.json").read_text())
+    quality = json.loads((data / "detokenizer/quality.json").read_text())
     rows = [json.loads(line) for line in (data / "asr/filtered.jsonl").read_text().splitlines()]
     assistant = [r for r in rows if r["split"] == "assistant"]
-    voices = {r["voice"] for r in rows if r["split"] in ("train", "assistant")}
-    assert quality["voice"] == assistant[0]["voice"] and quality["voices"] == len(voices)
-    assert quality["test_clips"] == 4 and quality["train_clips"] < sum(r["split"] in ("train", "assistant") for r in rows)
-    for key in ("wer_original", "wer_vocoder_of_original_mel", "wer_resynthesised"):
+    held = set(quality["held_out_values"])
+    assert quality["voice"] == assistant[0]["voice"] and held and held < {r["text"] for r in assistant}
+    assert quality["answer_clips"] == sum(r["text"] not in held for r in assistant)
+    spoken = sorted((data / "tts/detokenizer").glob("*.wav"))
+    assert quality["sentence_clips"] == len(spoken) > 0
+    assert quality["train_clips"] == quality["answer_clips"] + quality["sentence_clips"]
+    assert 0 < quality["test_clips"] <= sum(r["text"] in held for r in assistant)
+    for key in ("wer_original", "wer_vocoder_of_original_mel", "wer_resynthesised", "mel_l1"):
         assert quality[key] >= 0.0
-    detokenizer = load_detokenizer(out)
-    assert len(detokenizer.synthesize([1, 2, 3])) == 3 * 640 and detokenizer.config["voices"] == sorted(voices)
+    detokenizer = load_detokenizer(data / "detokenizer")
+    assert len(detokenizer.synthesize([1, 2, 3])) == 3 * 640 and detokenizer.config["voices"] == [quality["voice"]]
+
+
+def test_infer_speaks_the_answer_through_the_experiments_detokenizer(micro_run, tmp_path):
+    """`fac infer --mode s2m --speak answer.wav`: the spoken answer (its units through the experiment's
+    data/detokenizer) is written, 640 samples per unit, not silent; --json names it beside text and units."""
+    from fac.data.audio import read_wav
+
+    data = micro_run / "results/micro/data"
+    wav = json.loads(json.loads((data / "manifests/spoken_qa_test.jsonl").read_text().splitlines()[0])["audio"][0])["path"]
+    out = tmp_path / "answer.wav"
+    model = str(micro_run / "results/micro/checkpoints/stage2")
+    proc = subprocess.run([str(BIN / "fac"), "infer", "--model", model, "--audio", str(data / wav), "--mode", "s2m",
+                           "--max-new-tokens", "12", "--speak", str(out), "--json"], capture_output=True, text=True,
+                          env=env(), cwd=micro_run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["wav"] == str(out) and result["speech_tokens"]
+    samples = read_wav(out)  # read_wav refuses a silent or broken file
+    assert len(samples) == 640 * len(result["speech_tokens"])
+    refused = subprocess.run([str(BIN / "fac"), "infer", "--model", model, "--audio", str(data / wav), "--speak",
+                              str(out)], capture_output=True, text=True, env=env(), cwd=micro_run)
+    assert refused.returncode != 0 and "--speak needs --mode s2m" in refused.stderr

@@ -1,17 +1,16 @@
 """Speech out: 25 Hz speech units -> a waveform in the assistant's voice.
 
 The paper's detokenizer is CosyVoice 3's token2wav: flow matching from S3 codes to mel, then a vocoder. The tiny
-world's is the same in small: a conditional flow-matching network (`FlowNet`) turns the units, repeated to the mel
-frame rate (four 10 ms frames per 40 ms unit), into 80-bin log-mel frames in a few Euler steps from noise, and
-Griffin-Lim inverts the mel to 16 kHz audio. Like CosyVoice's flow, it is conditioned on the speaker: it trains on
-the synthesised clips of every training voice and of the assistant, with their units, and speaks in the assistant's
-voice, so that the units the model generates can be spoken.
+world's is the same in small: a conditional flow-matching network (`FlowNet`) turns the units, encoded with their
+neighbours and repeated to the mel frame rate (four 10 ms frames per 40 ms unit), into 80-bin log-mel frames in a
+few Euler steps from noise, and Griffin-Lim inverts the mel to 16 kHz audio (a learned vocoder has nothing to win:
+the clips' own mel through Griffin-Lim is heard by the ASR scorer as well as the clips themselves). Like
+CosyVoice's flow it is conditioned on the speaker; rule `detokenizer` (fac.data.steps.train_detokenizer) trains it
+on the assistant's voice alone, on its answer clips and on the training sentences spoken again in that voice, so
+that the units the model generates can be spoken.
 
 One interface, `units -> wav` at `sample_rate` (`FlowDetokenizer.synthesize`); a detokenizer is a folder with its
-config, like every checkpoint (`load_detokenizer`). `fac data detokenizer` trains one on a built data half and
-measures it (fac.data.steps.train_detokenizer). It is not a rule of the DAG yet: on the tiny world's held-out
-answers its resynthesis is not yet intelligible to the ASR scorer (measured WER 1.1-1.8 against 0.30 for the
-recordings and 0.30 for their own mel through Griffin-Lim).
+config, like every checkpoint (`load_detokenizer`).
 """
 from __future__ import annotations
 
@@ -68,14 +67,16 @@ class _Block(nn.Module):
 
 
 class FlowNet(nn.Module):
-    """The velocity field v(x_t, t | units, speaker) of conditional flow matching over normalised log-mel frames: a
-    stack of dilated residual convolutions over [x_t ; unit embedding repeated to the frame rate + the speaker's
-    embedding], with t added."""
+    """The velocity field v(x_t, t | units, speaker) of conditional flow matching over normalised log-mel frames: the
+    units' embeddings pass `unit_layers` residual convolutions at the unit rate (each unit sees its neighbours, as a
+    word's sound depends on its context), are repeated to the frame rate and joined by the speaker's embedding; a
+    stack of dilated residual convolutions runs over [x_t ; that condition], with t added."""
 
     def __init__(self, codebook_size: int, speakers: int = 1, channels: int = 192, layers: int = 6,
-                 unit_dim: int = 128, kernel: int = 5, dilations: int = 3):
+                 unit_dim: int = 128, kernel: int = 5, dilations: int = 3, unit_layers: int = 0):
         super().__init__()
         self.units = nn.Embedding(codebook_size, unit_dim)
+        self.unit_encoder = nn.ModuleList(_Block(unit_dim, 3, 1) for _ in range(unit_layers))
         self.speakers = nn.Embedding(speakers, unit_dim)
         self.time = nn.Sequential(nn.Linear(64, channels), nn.GELU(), nn.Linear(channels, channels))
         self.inp = nn.Conv1d(N_MELS + unit_dim, channels, 1)
@@ -90,7 +91,11 @@ class FlowNet(nn.Module):
     def forward(self, x_t: torch.Tensor, units: torch.Tensor, speaker: torch.Tensor, t: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
         """x_t [B, T, 80], units [B, T // 4] (long), speaker [B] (long), t [B], mask [B, T] -> velocity [B, T, 80]."""
-        cond = (self.units(units) + self.speakers(speaker)[:, None]).repeat_interleave(FRAMES_PER_UNIT, dim=1)
+        unit_mask = mask[:, ::FRAMES_PER_UNIT, None].to(x_t.dtype)
+        e = self.units(units).transpose(1, 2)
+        for block in self.unit_encoder:
+            e = (e + block(e)) * unit_mask.transpose(1, 2)
+        cond = (e.transpose(1, 2) + self.speakers(speaker)[:, None]).repeat_interleave(FRAMES_PER_UNIT, dim=1)
         half = torch.exp(-math.log(1000.0) * torch.arange(32, device=t.device) / 32)
         angles = 1000.0 * t[:, None] * half[None]
         h = self.inp(torch.cat([x_t, cond], dim=-1).transpose(1, 2))
@@ -114,15 +119,16 @@ def flow_matching_loss(net: FlowNet, mels: torch.Tensor, units: torch.Tensor, sp
 
 
 @torch.no_grad()
-def sample_mel(net: FlowNet, units: list[int], speaker: int, steps: int, seed: int = 0) -> torch.Tensor:
+def sample_mel(net: FlowNet, units: list[int], speaker: int, steps: int, seed: int = 0,
+               temperature: float = 1.0) -> torch.Tensor:
     """[4 * len(units), 80] log-mel frames for `units` in the voice of `speaker` (its index): `steps` Euler steps of
-    the flow from seeded noise."""
+    the flow from seeded noise scaled by `temperature` (below 1: nearer the likeliest mel, as Matcha-TTS samples)."""
     net.eval()
     unit_ids = torch.tensor([units], dtype=torch.long)
     speaker_ids = torch.tensor([speaker], dtype=torch.long)
     frames = len(units) * FRAMES_PER_UNIT
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn((1, frames, N_MELS), generator=generator)
+    x = temperature * torch.randn((1, frames, N_MELS), generator=generator)
     mask = torch.ones((1, frames))
     for i in range(steps):
         t = torch.full((1,), i / steps)
@@ -165,7 +171,8 @@ class FlowDetokenizer:
         if voice not in voices:
             raise ValueError(f"voice {voice!r}: not one this detokenizer learned; expected one of {voices}")
         units = [u for u in units if 0 <= u < self.config["codebook_size"]]
-        return sample_mel(self.net, units, voices.index(voice), self.config["sampling_steps"], seed)
+        return sample_mel(self.net, units, voices.index(voice), self.config["sampling_steps"], seed,
+                          self.config["temperature"])
 
     def synthesize(self, units: list[int], seed: int = 0, voice: str | None = None) -> np.ndarray:
         """The waveform (float32, `sample_rate`) of `units` in `voice` (default the assistant's); ids outside the
@@ -187,13 +194,15 @@ def build_config(codebook_size: int, voices: list[str], voice: str, params: dict
             "sample_rate": SAMPLE_RATE,
             "unit_rate": UNIT_RATE, "n_mels": N_MELS, "hop_length": HOP_LENGTH, "channels": params["channels"],
             "layers": params["layers"], "kernel": params["kernel"], "dilations": params["dilations"],
-            "sampling_steps": params["sampling_steps"],
+            "unit_layers": params["unit_layers"], "sampling_steps": params["sampling_steps"],
+            "temperature": params["temperature"],
             "griffin_lim_iterations": params["griffin_lim_iterations"]}
 
 
 def new_net(config: dict) -> FlowNet:
     return FlowNet(config["codebook_size"], len(config["voices"]), channels=config["channels"],
-                   layers=config["layers"], kernel=config["kernel"], dilations=config["dilations"])
+                   layers=config["layers"], kernel=config["kernel"], dilations=config["dilations"],
+                   unit_layers=config["unit_layers"])
 
 
 def load_detokenizer(directory) -> FlowDetokenizer:
@@ -212,11 +221,21 @@ def load_detokenizer(directory) -> FlowDetokenizer:
     return FlowDetokenizer(net, config)
 
 
+def _crop(example, crop_units: int, rng: np.random.Generator):
+    units, mel, voice = example
+    if not crop_units or len(units) <= crop_units:
+        return example
+    start = int(rng.integers(0, len(units) - crop_units + 1))
+    return units[start:start + crop_units], mel[start * FRAMES_PER_UNIT:(start + crop_units) * FRAMES_PER_UNIT], voice
+
+
 def train_flow_detokenizer(examples: list[tuple[list[int], torch.Tensor, str]], codebook_size: int, voice: str,
                            params: dict, progress=None) -> tuple[FlowDetokenizer, list[float]]:
     """Train FlowNet on (units, log_mel(clip, len(units)), voice) examples for `params['steps']` steps of
-    `params['batch_size']` clips (AdamW at `params['lr']`, seeded by `params['seed']`); it speaks in `voice` (one of
-    the examples' voices). Returns the detokenizer and the loss of every step."""
+    `params['batch_size']` clips, each a random window of at most `params['crop_units']` units (0: whole clips; a
+    window is as good a lesson as its clip for a network that sees a few units around each frame, and long clips cost
+    no more than short ones). AdamW with a one-cycle schedule peaking at `params['lr']`, seeded by `params['seed']`;
+    it speaks in `voice` (one of the examples' voices). Returns the detokenizer and the loss of every step."""
     if not examples:
         raise ValueError("no (units, mel, voice) example to train the detokenizer on; expected synthesised clips")
     voices = sorted({v for _, _, v in examples})
@@ -229,13 +248,15 @@ def train_flow_detokenizer(examples: list[tuple[list[int], torch.Tensor, str]], 
     net.mel_mean.copy_(frames.mean(0))
     net.mel_std.copy_(frames.std(0).clamp_min(1e-3))
     optimizer = torch.optim.AdamW(net.parameters(), lr=params["lr"])
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=params["lr"], total_steps=max(params["steps"], 1),
+                                                   pct_start=0.1)
     generator = torch.Generator().manual_seed(params["seed"])
     order = np.random.default_rng(params["seed"])
     losses = []
     net.train()
     for _ in range(params["steps"]):
-        batch = [examples[i] for i in order.choice(len(examples), size=min(params["batch_size"], len(examples)),
-                                                   replace=False)]
+        batch = [_crop(examples[i], params["crop_units"], order)
+                 for i in order.choice(len(examples), size=min(params["batch_size"], len(examples)), replace=False)]
         longest = max(len(u) for u, _, _ in batch)
         units = torch.zeros((len(batch), longest), dtype=torch.long)
         mels = torch.zeros((len(batch), longest * FRAMES_PER_UNIT, N_MELS))
@@ -249,6 +270,7 @@ def train_flow_detokenizer(examples: list[tuple[list[int], torch.Tensor, str]], 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
         losses.append(loss.item())
         if progress is not None:
             progress(losses[-1])

@@ -21,8 +21,9 @@ FRAME_RATE = 25  # units per second, as CosyVoice S3 tokens and the official <|a
 HOP_MS, WINDOW_MS = 10, 25
 FRAMES_PER_UNIT = 1000 // FRAME_RATE // HOP_MS  # four 10 ms frames make one 40 ms unit
 DYNAMIC_RANGE_DB = 80.0  # log-mel power is floored this far below the clip's maximum
+FEATURE_SCALE = 4.0  # divides the max-relative log-mel (natural log, 0 down to -18.4) to about unit spread
 # Bump when frame_features changes: codes of an older tokenizer mean nothing for new features.
-FEATURE_VERSION = "logmel-kaldi-floor80db-cmvn-stack4-v1"
+FEATURE_VERSION = "logmel-kaldi-maxrel80db-stack4-v2"
 MODEL_TYPE = "fac_speech_tokenizer"
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -33,7 +34,7 @@ def unit_count(num_samples: int) -> int:
 
 
 def frame_features(samples, n_mels: int = 40) -> np.ndarray:
-    """[unit_count(len), 4 * n_mels] float32: log-mel frames, normalised per utterance, stacked by four."""
+    """[unit_count(len), 4 * n_mels] float32: log-mel frames relative to the clip's peak, stacked by four."""
     samples = np.asarray(samples, dtype=np.float32)
     if samples.ndim != 1:
         raise ValueError(f"samples have shape {samples.shape}; expected a 1-D 16 kHz mono array")
@@ -47,11 +48,14 @@ def frame_features(samples, n_mels: int = 40) -> np.ndarray:
     mel = torchaudio.compliance.kaldi.fbank(waveform, num_mel_bins=n_mels, frame_length=WINDOW_MS,
                                             frame_shift=HOP_MS, sample_frequency=SAMPLE_RATE, dither=0.0,
                                             snip_edges=False).numpy()
-    # espeak-ng pads clips with digital silence, which sits at kaldi's fixed log floor. A floor relative
-    # to the clip's loudest bin instead moves with the gain, so that normalised features of a quieter
-    # copy are the same (a fixed floor changed 6% of the codes at -26 dB).
-    mel = np.maximum(mel, mel.max() - DYNAMIC_RANGE_DB / 10.0 * math.log(10.0))
-    mel = (mel - mel.mean(axis=0)) / (mel.std(axis=0) + 1e-5)
+    # Relative to the clip's loudest bin, floored 80 dB below it: the same sound gets the same features at any gain,
+    # and in any utterance. (Per-utterance mean and variance normalisation made a word's features depend on what
+    # else the clip said and how long it was: a one-word answer and the same word inside a sentence, or the same
+    # word at another speaking rate, got different codes, and a detokenizer could not speak held-out words from
+    # them: resynthesis WER 0.81 against 0.29 with these features, measured on new renditions of the answers.)
+    # espeak-ng pads clips with digital silence, which sits at kaldi's fixed log floor, far below the relative one.
+    peak = mel.max()
+    mel = (np.maximum(mel, peak - DYNAMIC_RANGE_DB / 10.0 * math.log(10.0)) - peak) / FEATURE_SCALE
     wanted = units * FRAMES_PER_UNIT
     if len(mel) < wanted:
         mel = np.pad(mel, ((0, wanted - len(mel)), (0, 0)), mode="edge")

@@ -5,6 +5,7 @@ audio paths in every JSONL are relative to the experiment's data folder (`result
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -292,15 +293,35 @@ def data_report(tts_jsonl: str, filtered: str, asr_report: str, noisy: str, toke
     return report
 
 
-def train_detokenizer(params: dict, codebook_size: int, filtered: str, tokens: str, lm_dir: str | None,
+def detokenizer_speech_jobs(rows: list[dict], held_out_words: set[str], voice: str, rates: list[int]) -> list[dict]:
+    """More of the assistant's voice for the detokenizer to learn from: every distinct text of the training split
+    (the training facts' questions and statements, the paralinguistic sentences: words the data already speaks,
+    never a held-out fact) that has no held-out answer word, spoken in the assistant's voice at two of its answer
+    rates (chosen by the text's hash, so that the set is the same on every run)."""
+    texts = sorted({u["text"] for u in rows if u["split"] == "train"})
+    jobs = []
+    for text in texts:
+        if set(text.split()) & held_out_words:
+            continue
+        digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+        first = int(digest, 16) % len(rates)
+        for rate in dict.fromkeys([rates[first], rates[(first + 1) % len(rates)]]):
+            jobs.append({"id": f"d-{digest}-{rate}", "text": text, "voice": voice, "rate": rate, "pitch": 50,
+                         "amplitude": 100})
+    return jobs
+
+
+def train_detokenizer(params: dict, tokenizer_dir: str, filtered: str, tokens: str, lm_dir: str | None,
                       data_root: str, out_dir: str, threads: int = 1) -> dict:
-    """The tiny detokenizer (fac.data.detokenizer): trained on the clips of the training voices and the assistant
-    and their units, to speak in the assistant's voice, then measured on the assistant's clips of held-out answer
-    values: the ASR scorer's WER of the original clips, of their own mel through the vocoder, and of their units
-    spoken again (resynthesis), and the flow's mel L1 against the clips' own mel. The folder holds the detokenizer
-    and `quality.json`. `params`: `detokenizer` (channels, layers, kernel, dilations, steps, batch_size, lr, seed,
-    sampling_steps, griffin_lim_iterations, held_out_every, test_clips) and `asr` (the scorer, with the LM in
-    `lm_dir` for pocketsphinx)."""
+    """The tiny detokenizer (fac.data.detokenizer), trained to speak in the assistant's voice on the assistant's
+    answer clips and on the training split's sentences spoken again in that voice (detokenizer_speech_jobs: clips
+    under `data_root`/tts/detokenizer, kept across a killed run), with their units; then measured on the assistant's
+    clips of held-out answer values (one value in `held_out_every`, none of its words in any training clip): the ASR
+    scorer's WER of the original clips, of their own mel through the vocoder, and of their units spoken again
+    (resynthesis), and the flow's mel L1 against the clips' own mel. The folder holds the detokenizer and
+    `quality.json`. `params`: `detokenizer` (fac.data.detokenizer.build_config's keys, steps, batch_size,
+    crop_units, lr, seed, held_out_every, test_clips), `tts` (the engine that speaks, its workers) and `asr` (the
+    scorer, with the LM in `lm_dir` for pocketsphinx)."""
     import time
 
     import torch
@@ -309,28 +330,41 @@ def train_detokenizer(params: dict, codebook_size: int, filtered: str, tokens: s
     from fac.data.asr import recognizer, word_error_rate
     from fac.data.audio import read_wav
     from fac.data.detokenizer import log_mel, train_flow_detokenizer
+    from fac.data.speech_tokenizer import load_speech_tokenizer
+    from fac.data.tts import engine, synthesize_all
 
     torch.set_num_threads(threads)
-    params, asr = params["detokenizer"], params["asr"]
+    detokenizer_params, asr = params["detokenizer"], params["asr"]
     rows = read_jsonl(filtered)
     codes = {r["id"]: r["codes"] for r in read_jsonl(tokens)}
-    clips = [u for u in rows if u["split"] in ("train", "assistant") and codes.get(u["id"])]  # no held-out voice
-    assistant = [u for u in clips if u["split"] == "assistant"]
+    assistant = [u for u in rows if u["split"] == "assistant" and codes.get(u["id"])]
     # The assistant speaks the answers' values, each in every style: one value in `held_out_every` is held out
-    # (all the assistant's clips of it), so that resynthesis is measured on words the flow never heard it say.
+    # (all the assistant's clips of it, and every sentence with one of its words), so that resynthesis is measured
+    # on words the flow never heard.
     values = sorted({u["text"] for u in assistant})
-    held_out = set(values[::params["held_out_every"]])
-    train = [u for u in clips if not (u["split"] == "assistant" and u["text"] in held_out)]
-    test = [u for u in assistant if u["text"] in held_out][: params["test_clips"]]
-    if not assistant or not test:
+    held_out = set(values[::detokenizer_params["held_out_every"]])
+    train = [u for u in assistant if u["text"] not in held_out]
+    test = [u for u in assistant if u["text"] in held_out][: detokenizer_params["test_clips"]]
+    if not train or not test:
         raise ValueError(f"{filtered}: {len(assistant)} clips of the assistant, {len(test)} of them held out; the "
                          "detokenizer needs the assistant's voice to learn and held-out clips to measure")
     voice = assistant[0]["voice"]
+    speech_dir = Path(data_root) / "tts" / "detokenizer"
+    jobs = detokenizer_speech_jobs(rows, {w for v in held_out for w in v.split()}, voice,
+                                   sorted({int(u["rate"]) for u in assistant}))
+    spoken = synthesize_all(jobs, speech_dir, workers=params["tts"]["workers"], desc="detokenizer: speech",
+                            synthesiser=engine(params["tts"]))
+    tokenizer = load_speech_tokenizer(tokenizer_dir)
     examples = [(codes[u["id"]], log_mel(read_wav(Path(data_root) / u["path"]), len(codes[u["id"]])), u["voice"])
-                for u in tqdm(train, desc="detokenizer: mel", unit="clip", mininterval=2)]
+                for u in train]
+    for job in tqdm(spoken, desc="detokenizer: units and mel", unit="clip", mininterval=2):
+        samples = read_wav(speech_dir / job["path"])
+        units = tokenizer.encode(samples)
+        if units:
+            examples.append((units, log_mel(samples, len(units)), voice))
     started = time.time()
-    bar = tqdm(total=params["steps"], desc="detokenizer: flow", unit="step", mininterval=2)
-    detokenizer, losses = train_flow_detokenizer(examples, codebook_size, voice, params,
+    bar = tqdm(total=detokenizer_params["steps"], desc="detokenizer: flow", unit="step", mininterval=2)
+    detokenizer, losses = train_flow_detokenizer(examples, tokenizer.codebook_size, voice, detokenizer_params,
                                                  progress=lambda loss: bar.update(1))
     bar.close()
     train_seconds = time.time() - started
@@ -345,9 +379,10 @@ def train_detokenizer(params: dict, codebook_size: int, filtered: str, tokens: s
         heard = scorer.transcribe_batch([samples, detokenizer.vocoder(mel), detokenizer.synthesize(units)])
         for rates, transcript in zip((original, inverted, resynthesised), heard):
             rates.append(word_error_rate(u["text"], transcript))
-    quality = {"train_clips": len(train), "voices": len(detokenizer.config["voices"]), "voice": voice,
-               "test_clips": len(test), "steps": params["steps"],
-               "train_seconds": round(train_seconds, 1), "final_loss": round(statistics.fmean(losses[-50:]), 4),
+    quality = {"train_clips": len(examples), "answer_clips": len(train), "sentence_clips": len(spoken),
+               "voice": voice, "held_out_values": sorted(held_out), "test_clips": len(test),
+               "steps": detokenizer_params["steps"], "train_seconds": round(train_seconds, 1),
+               "final_loss": round(statistics.fmean(losses[-50:]), 4) if losses else None,
                "wer_original": round(statistics.fmean(original), 4),
                "wer_vocoder_of_original_mel": round(statistics.fmean(inverted), 4),
                "wer_resynthesised": round(statistics.fmean(resynthesised), 4),

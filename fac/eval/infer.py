@@ -27,3 +27,16 @@ def answer(model_dir: str, audio_path: str, mode: str = "s2t", max_new_tokens: i
     n_codes = model.config.audio_config.bos_token_id  # speech specials come right after the codes
     return {"text": tokenizer.decode(text_ids, skip_special_tokens=True).strip(), "text_ids": text_ids,
             "speech_tokens": [c for c in codes if c < n_codes], "mode": mode}
+
+
+def speak(units: list[int], out_path: str, detokenizer_dir: str) -> str:
+    """The spoken answer: `units` through the detokenizer (fac.data.detokenizer), written to `out_path`."""
+    from fac.data.audio import write_wav
+    from fac.data.detokenizer import load_detokenizer
+
+    detokenizer = load_detokenizer(detokenizer_dir)
+    samples = detokenizer.synthesize(units)
+    if not len(samples):
+        raise ValueError(f"the answer has no speech units to speak (write {out_path}); expected --mode s2m output")
+    write_wav(out_path, samples, detokenizer.sample_rate)
+    return out_path
