@@ -195,8 +195,14 @@ def _eval(args) -> None:
         raise SystemExit("fac eval: give --world (source world) or --sets (source manifests)")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1; got {args.batch_size}")
+    speech_out = None
+    if args.detokenizer:
+        from fac.eval.metrics import SpeechOut
+
+        speech = json.loads(args.speech_out)
+        speech_out = SpeechOut(args.detokenizer, speech["asr"], args.lm, speech["questions"])
     metrics = evaluate(args.stage, args.model, args.world, args.manifests, args.data_root, args.sets, placement,
-                       args.batch_size)
+                       args.batch_size, speech_out)
     write_json(metrics, args.out)
     print(json.dumps(metrics))
 
@@ -317,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="questions per left-padded generation batch (each answer exactly its batch-of-one answer)")
     ev.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                     help="fp32 (default), or bf16/fp16 autocast on GPU")
+    ev.add_argument("--detokenizer", help="speech to speech: the detokenizer folder that speaks the answers")
+    ev.add_argument("--speech-out", default='{"asr": {"engine": "pocketsphinx"}, "questions": 0}',
+                    help='speech to speech: JSON {"asr": the ASR scorer params, "questions": per test set, 0 all}')
+    ev.add_argument("--lm", help="speech to speech: the pocketsphinx LM folder (rule asr_lm)")
     ev.set_defaults(func=_eval)
 
     met = sub.add_parser("metrics", help="collect per-stage metrics into metrics.json and a table")

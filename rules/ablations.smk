@@ -93,6 +93,7 @@ rule ablation_eval:
         root=data_root,
         placement=lambda wildcards: eval_placement(wildcards.stage),
         batch=eval_batch_flag,
+        speech=eval_speech_flags,
     threads: group_threads("eval")
     resources:
         **group_resources("eval"),
@@ -102,8 +103,8 @@ rule ablation_eval:
         f"{LOGS}/ablations/eval_{{variant}}_{{stage}}.log",
     shell:
         "fac eval --stage {wildcards.variant}/{wildcards.stage} --model {input.model} {params.data}"
-        " --data-root {params.root} --out {output} {params.placement} {params.batch} --threads {threads}"
-        " 2> {log}"
+        " --data-root {params.root} --out {output} {params.placement} {params.batch} {params.speech}"
+        " --threads {threads} 2> {log}"
 
 
 rule ablations:

@@ -219,8 +219,24 @@ def base_llm_world_flag(wildcards, input):
 
 
 def eval_inputs(wildcards):
-    """What evaluation reads besides the checkpoint: the manifests, and the world's text QA when there is a world."""
-    return {"manifests": MANIFEST_COUNTS, **({"world": WORLD_QA} if WORLD else {})}
+    """What evaluation reads besides the checkpoint: the manifests, and when there is a world its text QA and, for a
+    DRSR model (every stage but the base LLM), the detokenizer and the ASR scorer that hear its spoken answers."""
+    inputs = {"manifests": MANIFEST_COUNTS}
+    if WORLD:
+        inputs["world"] = WORLD_QA
+        if wildcards.stage != "base_llm":
+            inputs.update(detokenizer=f"{DATA}/detokenizer", **asr_scorer_inputs(wildcards))
+    return inputs
+
+
+def eval_speech_flags(wildcards, input):
+    """Speech to speech (fac.eval.metrics.speech_to_speech): the detokenizer, the scorer's params and LM, and
+    `evaluation.speech_questions` per test set."""
+    if "detokenizer" not in input.keys():
+        return ""
+    questions = int((config.get("evaluation") or {}).get("speech_questions", 60))
+    speech = {"asr": config["asr"], "questions": questions}
+    return f"--detokenizer {input.detokenizer} --speech-out {as_json(speech)} {asr_lm_flag(wildcards, input)}"
 
 
 def eval_data_flags(wildcards, input):

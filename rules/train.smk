@@ -202,6 +202,7 @@ rule evaluate:
         root=data_root,
         placement=lambda wildcards: eval_placement(wildcards.stage),
         batch=eval_batch_flag,
+        speech=eval_speech_flags,
     threads: group_threads("eval")
     resources:
         **group_resources("eval"),
@@ -213,8 +214,8 @@ rule evaluate:
         f"{BENCH}/eval/{{stage}}.tsv"
     shell:
         "fac eval --stage {wildcards.stage} --model {input.model} {params.data}"
-        " --data-root {params.root} --out {output} {params.placement} {params.batch} --threads {threads}"
-        " 2> {log}"
+        " --data-root {params.root} --out {output} {params.placement} {params.batch} {params.speech}"
+        " --threads {threads} 2> {log}"
 
 
 rule metrics:

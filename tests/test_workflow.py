@@ -167,13 +167,20 @@ def test_whole_dag_writes_per_stage_metrics(micro_run):
     efficiency = {"train_step_seconds", "train_tokens_per_second"}
     assert set(metrics["base_llm"]) == {"text_qa_acc"} | efficiency
     accuracies = {"spoken_qa_acc", "spoken_qa_acc_unseen_voices", "text_qa_acc", "speech_token_acc",
-                  "spoken_qa_acc_noisy", "emotion_acc", "empathy_acc", "instruction_acc"}
-    lengths = {"instruct_length_ratio_quickly", "instruct_length_ratio_slowly"}
+                  "spoken_qa_acc_noisy", "emotion_acc", "empathy_acc", "instruction_acc", "s2s_acc",
+                  "s2s_acc_unseen_voices"}
+    lengths = {"instruct_length_ratio_quickly", "instruct_length_ratio_slowly", "answer_wer",
+               "answer_wer_unseen_voices"}
+    # speech to speech: the micro test sets are smaller than evaluation.speech_questions (60): every question asked
+    asked = {f"s2s_questions{suffix}": sum(1 for _ in open(micro_run / f"results/micro/data/manifests/{name}.jsonl"))
+             for suffix, name in (("", "spoken_qa_test"), ("_unseen_voices", "spoken_qa_test_unseen_voices"))}
     for stage in ("init", "prealign", "stage1", "merged", "stage2", "dpo"):
         # init and merged are not trained (no step time); every trained stage reports its cost
-        assert set(metrics[stage]) == accuracies | lengths | (set() if stage in ("init", "merged") else efficiency)
+        assert set(metrics[stage]) == (accuracies | lengths | set(asked)
+                                       | (set() if stage in ("init", "merged") else efficiency))
         assert all(0.0 <= metrics[stage][m] <= 1.0 for m in accuracies)
         assert all(metrics[stage][m] >= 0.0 for m in lengths)
+        assert {k: metrics[stage][k] for k in asked} == asked
         assert stage in ("init", "merged") or metrics[stage]["train_step_seconds"] > 0 < metrics[stage]["train_tokens_per_second"]
     assert set(metrics["encoder"]) == {"encoder_wer", "encoder_wer_unseen_voices"}
     assert "| stage |" in (micro_run / "results/micro/metrics.md").read_text()
@@ -366,10 +373,12 @@ def test_the_detokenizer_rule_learns_the_assistants_voice_and_measures_held_out_
     held = set(quality["held_out_values"])
     assert quality["voice"] == assistant[0]["voice"] and held and held < {r["text"] for r in assistant}
     assert quality["answer_clips"] == sum(r["text"] not in held for r in assistant)
-    spoken = sorted((data / "tts/detokenizer").glob("*.wav"))
-    assert quality["sentence_clips"] == len(spoken) > 0
+    sentences = sorted((data / "tts/detokenizer").glob("d-*.wav"))
+    assert quality["sentence_clips"] == len(sentences) > 0
     assert quality["train_clips"] == quality["answer_clips"] + quality["sentence_clips"]
-    assert 0 < quality["test_clips"] <= sum(r["text"] in held for r in assistant)
+    # the recorded held-out answers, then each held-out value spoken again at 150 words per minute, at most 6
+    assert len(list((data / "tts/detokenizer").glob("t-*-150.wav"))) == len(held)
+    assert quality["test_clips"] == min(6, sum(r["text"] in held for r in assistant) + len(held))
     for key in ("wer_original", "wer_vocoder_of_original_mel", "wer_resynthesised", "mel_l1"):
         assert quality[key] >= 0.0
     detokenizer = load_detokenizer(data / "detokenizer")

@@ -311,16 +311,24 @@ def detokenizer_speech_jobs(rows: list[dict], held_out_words: set[str], voice: s
     return jobs
 
 
+def detokenizer_test_jobs(held_out: set[str], voice: str, rates: list[int]) -> list[dict]:
+    """More held-out answers to measure resynthesis on: each held-out value spoken in the assistant's voice at each
+    of `rates` (words per minute), beside its recorded answer clips."""
+    return [{"id": f"t-{hashlib.sha256(value.encode()).hexdigest()[:8]}-{rate}", "text": value, "voice": voice,
+             "rate": rate, "pitch": 50, "amplitude": 100} for value in sorted(held_out) for rate in rates]
+
+
 def train_detokenizer(params: dict, tokenizer_dir: str, filtered: str, tokens: str, lm_dir: str | None,
                       data_root: str, out_dir: str, threads: int = 1) -> dict:
     """The tiny detokenizer (fac.data.detokenizer), trained to speak in the assistant's voice on the assistant's
     answer clips and on the training split's sentences spoken again in that voice (detokenizer_speech_jobs: clips
     under `data_root`/tts/detokenizer, kept across a killed run), with their units; then measured on the assistant's
-    clips of held-out answer values (one value in `held_out_every`, none of its words in any training clip): the ASR
+    clips of held-out answer values (one value in `held_out_every`, none of its words in any training clip), and those
+    values spoken again at `test_rates` (detokenizer_test_jobs), at most `test_clips` in all: the ASR
     scorer's WER of the original clips, of their own mel through the vocoder, and of their units spoken again
     (resynthesis), and the flow's mel L1 against the clips' own mel. The folder holds the detokenizer and
     `quality.json`. `params`: `detokenizer` (fac.data.detokenizer.build_config's keys, steps, batch_size,
-    crop_units, lr, seed, held_out_every, test_clips), `tts` (the engine that speaks, its workers) and `asr` (the
+    crop_units, lr, seed, held_out_every, test_rates, test_clips), `tts` (the engine that speaks, its workers) and `asr` (the
     scorer, with the LM in `lm_dir` for pocketsphinx)."""
     import time
 
@@ -344,7 +352,7 @@ def train_detokenizer(params: dict, tokenizer_dir: str, filtered: str, tokens: s
     values = sorted({u["text"] for u in assistant})
     held_out = set(values[::detokenizer_params["held_out_every"]])
     train = [u for u in assistant if u["text"] not in held_out]
-    test = [u for u in assistant if u["text"] in held_out][: detokenizer_params["test_clips"]]
+    test = [u for u in assistant if u["text"] in held_out]
     if not train or not test:
         raise ValueError(f"{filtered}: {len(assistant)} clips of the assistant, {len(test)} of them held out; the "
                          "detokenizer needs the assistant's voice to learn and held-out clips to measure")
@@ -352,9 +360,23 @@ def train_detokenizer(params: dict, tokenizer_dir: str, filtered: str, tokens: s
     speech_dir = Path(data_root) / "tts" / "detokenizer"
     jobs = detokenizer_speech_jobs(rows, {w for v in held_out for w in v.split()}, voice,
                                    sorted({int(u["rate"]) for u in assistant}))
+    synthesiser = engine(params["tts"])
     spoken = synthesize_all(jobs, speech_dir, workers=params["tts"]["workers"], desc="detokenizer: speech",
-                            synthesiser=engine(params["tts"]))
+                            synthesiser=synthesiser)
     tokenizer = load_speech_tokenizer(tokenizer_dir)
+    # The recorded held-out answers, then the same values spoken at `test_rates`: enough clips that the WER of the
+    # resynthesis is measured to a few hundredths (each clip of a one-word answer moves the mean by 1 / clips).
+    extra_tests = synthesize_all(detokenizer_test_jobs(held_out, voice, detokenizer_params["test_rates"]), speech_dir,
+                                 workers=params["tts"]["workers"], desc="detokenizer: held-out answers",
+                                 synthesiser=synthesiser)
+    test = [dict(u, path=str(Path(data_root) / u["path"])) for u in test]
+    for job in extra_tests:
+        path = speech_dir / job["path"]
+        units = tokenizer.encode(read_wav(path))
+        if units:
+            codes[job["id"]] = units
+            test.append(dict(job, path=str(path)))
+    test = test[: detokenizer_params["test_clips"]]
     examples = [(codes[u["id"]], log_mel(read_wav(Path(data_root) / u["path"]), len(codes[u["id"]])), u["voice"])
                 for u in train]
     for job in tqdm(spoken, desc="detokenizer: units and mel", unit="clip", mininterval=2):
@@ -372,7 +394,7 @@ def train_detokenizer(params: dict, tokenizer_dir: str, filtered: str, tokens: s
     original, inverted, resynthesised, mel_l1 = [], [], [], []
     for u in tqdm(test, desc="detokenizer: resynthesis", unit="clip", mininterval=2):
         units = codes[u["id"]]
-        samples = read_wav(Path(data_root) / u["path"])
+        samples = read_wav(u["path"])
         mel = log_mel(samples, len(units))
         mel_l1.append(float((detokenizer.mel(units) - mel).abs().mean()))
         # The clip's own mel through the vocoder: what the vocoder alone costs (a flow that were exact would get it).

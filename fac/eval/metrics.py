@@ -6,6 +6,10 @@ base LLM's knowledge, retained or forgotten); speech_token_acc is the SRH's teac
 spoken_qa_acc_noisy (robustness) asks them at 10 dB SNR; emotion_acc (audio understanding) and empathy_acc
 (voice empathy) use the emotion clips of the test split; instruction_acc (instruction following) asks the
 test questions with a speaking style in the system prompt and judges the generated speech's length.
+Speech to speech (with a detokenizer and an ASR scorer: `SpeechOut`): the spoken questions answered in text and
+speech, the speech spoken by the detokenizer and transcribed by the scorer; s2s_acc (UltraEval-Audio's answer match
+on the transcript: the value is in what the answer says aloud) and answer_wer (the transcript's WER against the
+model's own text answer: does the speech say what the text says, the paper's ASR-WER).
 
 Without a world (data source manifests: the user's own data), `evaluate_sets` scores the named evaluation
 manifests with what they allow: answer match on the reference reply's text, speech-token accuracy on spoken
@@ -156,6 +160,48 @@ def speech_token_accuracy(model, data: SpokenData, name: str, batch_size: int = 
     return hits / max(1, total)
 
 
+class SpeechOut:
+    """What speech-to-speech evaluation hears the answers with: a detokenizer folder (fac.data.detokenizer: units ->
+    wav) and an ASR scorer (the `asr` params section, the LM folder for pocketsphinx); `questions` per test set (the
+    first ones, 0: all)."""
+
+    def __init__(self, detokenizer_dir: str, asr_params: dict, lm_dir: str | None, questions: int):
+        from fac.data.asr import recognizer
+        from fac.data.detokenizer import load_detokenizer
+
+        self.detokenizer = load_detokenizer(detokenizer_dir)
+        self.scorer = recognizer(asr_params, lm_dir)
+        self.questions = questions
+
+    def hear(self, units_per_answer: list[list[int]]) -> list[str]:
+        """The scorer's transcript of each answer spoken by the detokenizer ("" for an answer with no unit)."""
+        clips = [self.detokenizer.synthesize(units) for units in units_per_answer]
+        spoken = [i for i, clip in enumerate(clips) if len(clip)]
+        heard = dict(zip(spoken, self.scorer.transcribe_batch([clips[i] for i in spoken]) if spoken else []))
+        return [heard.get(i, "") for i in range(len(clips))]
+
+
+@torch.no_grad()
+def speech_to_speech(model, data: SpokenData, name: str, tokenizer, speech_out: SpeechOut,
+                     batch_size: int = 16) -> dict:
+    """Spoken questions of manifest `name` answered in text and speech (s2m, greedy), the speech spoken and heard
+    (`speech_out`): `s2s_acc`, the share whose transcript holds the answer's value (answer match); `answer_wer`, the
+    mean WER of the transcript against the model's own text answer (1.0 where the text answer is empty); and
+    `s2s_questions`, how many were asked."""
+    from fac.data.asr import word_error_rate
+
+    model.eval()
+    audio_cfg = model.config.audio_config
+    records = data.records[name][: speech_out.questions or None]
+    budgets = [spoken_reply_budget(len(rec.codes), audio_cfg.group_size) for rec in records]
+    said = answers(model, data, records, f"speech to speech {name}", "s2m", budgets, batch_size)
+    heard = speech_out.hear([spoken_units(speech, audio_cfg) for _, speech in said])
+    texts = [tokenizer.decode(text, skip_special_tokens=True).strip() for text, _ in said]
+    matched = sum(answer_matches(rec.meta["answer"], transcript) for rec, transcript in zip(records, heard))
+    rates = [word_error_rate(text, transcript) if normalise(text) else 1.0 for text, transcript in zip(texts, heard)]
+    return {"s2s_acc": matched / len(records), "answer_wer": sum(rates) / len(rates), "s2s_questions": len(records)}
+
+
 def normalise(text: str) -> str:
     """Lower case, punctuation dropped, whitespace collapsed (the answer-match comparison)."""
     return " ".join("".join(c if c.isalnum() or c.isspace() else " " for c in text.lower()).split())
@@ -276,9 +322,11 @@ class _TextSets:
 
 
 def evaluate(stage: str, model_dir: str, world_dir: str | None, manifest_dir: str, data_root: str,
-             sets: list[str] | None = None, placement: Placement = CPU, batch_size: int = 16) -> dict:
-    """All metrics that apply to a checkpoint: a plain LLM gets text QA only, a DRSR model everything. Without a
-    world (data source manifests), `evaluate_sets` on the named evaluation manifests.
+             sets: list[str] | None = None, placement: Placement = CPU, batch_size: int = 16,
+             speech_out: SpeechOut | None = None) -> dict:
+    """All metrics that apply to a checkpoint: a plain LLM gets text QA only, a DRSR model everything (with
+    `speech_out`, the speech-to-speech metrics too). Without a world (data source manifests), `evaluate_sets` on the
+    named evaluation manifests.
 
     The model runs on `placement` (fac.devices.resolve; `fac eval --gpus --precision`): moved to its device, its
     inputs too, generation and forward passes under autocast in its dtype on GPU; CPU fp32 by default."""
@@ -299,13 +347,14 @@ def evaluate(stage: str, model_dir: str, world_dir: str | None, manifest_dir: st
     data = SpokenData(manifest_dir, {n: 1.0 for n in names + optional}, features, tokenizer, special,
                       model.config.audio_config.group_size)
     with placement.autocast():
-        metrics = _world_metrics(model, data, tokenizer, world_dir, optional, batch_size)
+        metrics = _world_metrics(model, data, tokenizer, world_dir, optional, batch_size, speech_out)
     metrics.update(efficiency(model_dir))
     log.info("%s: %s", stage, metrics)
     return metrics
 
 
-def _world_metrics(model, data: SpokenData, tokenizer, world_dir: str, optional: list[str], batch_size: int) -> dict:
+def _world_metrics(model, data: SpokenData, tokenizer, world_dir: str, optional: list[str], batch_size: int,
+                   speech_out: SpeechOut | None = None) -> dict:
     """The world's metrics of a DRSR model (see `evaluate`)."""
     metrics = {
         "spoken_qa_acc": spoken_qa_accuracy(model, data, "spoken_qa_test", tokenizer, batch_size),
@@ -321,6 +370,10 @@ def _world_metrics(model, data: SpokenData, tokenizer, world_dir: str, optional:
         metrics.update(paralinguistic_accuracy(model, data, "paraling_test", tokenizer, batch_size))
     if INSTRUCT_TEST in optional:
         metrics.update(instruction_accuracy(model, data, INSTRUCT_TEST, batch_size))
+    if speech_out is not None:  # heard, as the anchors are scored: s2s_acc, answer_wer (+ _unseen_voices)
+        for name, suffix in (("spoken_qa_test", ""), ("spoken_qa_test_unseen_voices", "_unseen_voices")):
+            scored = speech_to_speech(model, data, name, tokenizer, speech_out, batch_size)
+            metrics.update({f"{key}{suffix}": value for key, value in scored.items()})
     return metrics
 
 
