@@ -135,7 +135,7 @@ rule detokenizer:
         root=data_root,
         cfg=as_json({"detokenizer": config["detokenizer"], "tts": config["tts"], "asr": config["asr"]}),
         lm=asr_lm_flag,
-    threads: config["threads"]
+    threads: config["detokenizer"]["threads"]
     resources:
         **group_resources("data"),
     conda:

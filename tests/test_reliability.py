@@ -317,6 +317,7 @@ DATA_POINTS = {
     "write.model.safetensors": "the speech tokenizer, its centroids written but not yet renamed into place",
     "group:speech_tokens@3": "the whole snakemake process group, speech tokenisation's third clip tokenised",
     "write.counts.json": "the manifests job, every manifest written, its counts not yet renamed into place",
+    "write.detokenizer": "the detokenizer, trained and measured, its folder not yet renamed into place",
 }
 
 
