@@ -121,3 +121,14 @@ def test_training_windows_are_crops_of_the_clips_aligned_with_their_units():
         assert len(part) == 6 and voice == "v" and frames.shape == (6 * FRAMES_PER_UNIT, N_MELS)
         assert int(frames[0, 0]) == FRAMES_PER_UNIT * part[0] and part == list(range(part[0], part[0] + 6))
     assert _crop((units, mel, "v"), 0, rng)[0] == units and _crop((units[:4], mel[:16], "v"), 6, rng)[0] == units[:4]
+
+
+def test_the_learning_rate_warms_up_over_a_tenth_of_the_steps_then_falls_to_zero_even_for_a_few_steps(examples):
+    """Any number of steps trains (the micro world's 10 broke torch's OneCycleLR: a warm-up of zero steps)."""
+    from fac.data.detokenizer import _warmup_cosine
+
+    assert [_warmup_cosine(s, 100) for s in (0, 9)] == [0.1, 1.0] and _warmup_cosine(99, 100) < 0.001
+    assert _warmup_cosine(0, 10) == 1.0 and _warmup_cosine(9, 10) < 0.05
+    for steps in (1, 3, 10):
+        _, losses = train_flow_detokenizer(examples, CODEBOOK, "low", dict(PARAMS, steps=steps))
+        assert len(losses) == steps

@@ -229,12 +229,21 @@ def _crop(example, crop_units: int, rng: np.random.Generator):
     return units[start:start + crop_units], mel[start * FRAMES_PER_UNIT:(start + crop_units) * FRAMES_PER_UNIT], voice
 
 
+def _warmup_cosine(step: int, steps: int) -> float:
+    """The learning rate's factor at `step` of `steps`: linear warm-up over the first tenth (at least one step), then
+    a cosine down to zero."""
+    warmup = max(1, steps // 10)
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+
 def train_flow_detokenizer(examples: list[tuple[list[int], torch.Tensor, str]], codebook_size: int, voice: str,
                            params: dict, progress=None) -> tuple[FlowDetokenizer, list[float]]:
     """Train FlowNet on (units, log_mel(clip, len(units)), voice) examples for `params['steps']` steps of
     `params['batch_size']` clips, each a random window of at most `params['crop_units']` units (0: whole clips; a
     window is as good a lesson as its clip for a network that sees a few units around each frame, and long clips cost
-    no more than short ones). AdamW with a one-cycle schedule peaking at `params['lr']`, seeded by `params['seed']`;
+    no more than short ones). AdamW warmed up to `params['lr']` over a tenth of the steps, then cosine to zero, seeded by `params['seed']`;
     it speaks in `voice` (one of the examples' voices). Returns the detokenizer and the loss of every step."""
     if not examples:
         raise ValueError("no (units, mel, voice) example to train the detokenizer on; expected synthesised clips")
@@ -248,8 +257,7 @@ def train_flow_detokenizer(examples: list[tuple[list[int], torch.Tensor, str]], 
     net.mel_mean.copy_(frames.mean(0))
     net.mel_std.copy_(frames.std(0).clamp_min(1e-3))
     optimizer = torch.optim.AdamW(net.parameters(), lr=params["lr"])
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=params["lr"], total_steps=max(params["steps"], 1),
-                                                   pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_warmup_cosine, steps=params["steps"]))
     generator = torch.Generator().manual_seed(params["seed"])
     order = np.random.default_rng(params["seed"])
     losses = []

@@ -293,11 +293,12 @@ def data_report(tts_jsonl: str, filtered: str, asr_report: str, noisy: str, toke
     return report
 
 
-def detokenizer_speech_jobs(rows: list[dict], held_out_words: set[str], voice: str, rates: list[int]) -> list[dict]:
+def detokenizer_speech_jobs(rows: list[dict], held_out_words: set[str], voice: str, rates: list[int],
+                            pitch: int) -> list[dict]:
     """More of the assistant's voice for the detokenizer to learn from: every distinct text of the training split
     (the training facts' questions and statements, the paralinguistic sentences: words the data already speaks,
-    never a held-out fact) that has no held-out answer word, spoken in the assistant's voice at two of its answer
-    rates (chosen by the text's hash, so that the set is the same on every run)."""
+    never a held-out fact) that has no held-out answer word, spoken in the assistant's voice and pitch at two of its
+    answer rates (chosen by the text's hash, so that the set is the same on every run)."""
     texts = sorted({u["text"] for u in rows if u["split"] == "train"})
     jobs = []
     for text in texts:
@@ -306,16 +307,16 @@ def detokenizer_speech_jobs(rows: list[dict], held_out_words: set[str], voice: s
         digest = hashlib.sha256(text.encode()).hexdigest()[:8]
         first = int(digest, 16) % len(rates)
         for rate in dict.fromkeys([rates[first], rates[(first + 1) % len(rates)]]):
-            jobs.append({"id": f"d-{digest}-{rate}", "text": text, "voice": voice, "rate": rate, "pitch": 50,
+            jobs.append({"id": f"d-{digest}-{rate}", "text": text, "voice": voice, "rate": rate, "pitch": pitch,
                          "amplitude": 100})
     return jobs
 
 
-def detokenizer_test_jobs(held_out: set[str], voice: str, rates: list[int]) -> list[dict]:
+def detokenizer_test_jobs(held_out: set[str], voice: str, rates: list[int], pitch: int) -> list[dict]:
     """More held-out answers to measure resynthesis on: each held-out value spoken in the assistant's voice at each
     of `rates` (words per minute), beside its recorded answer clips."""
     return [{"id": f"t-{hashlib.sha256(value.encode()).hexdigest()[:8]}-{rate}", "text": value, "voice": voice,
-             "rate": rate, "pitch": 50, "amplitude": 100} for value in sorted(held_out) for rate in rates]
+             "rate": rate, "pitch": pitch, "amplitude": 100} for value in sorted(held_out) for rate in rates]
 
 
 def train_detokenizer(params: dict, tokenizer_dir: str, filtered: str, tokens: str, lm_dir: str | None,
@@ -328,8 +329,8 @@ def train_detokenizer(params: dict, tokenizer_dir: str, filtered: str, tokens: s
     scorer's WER of the original clips, of their own mel through the vocoder, and of their units spoken again
     (resynthesis), and the flow's mel L1 against the clips' own mel. The folder holds the detokenizer and
     `quality.json`. `params`: `detokenizer` (fac.data.detokenizer.build_config's keys, steps, batch_size,
-    crop_units, lr, seed, held_out_every, test_rates, test_clips), `tts` (the engine that speaks, its workers) and `asr` (the
-    scorer, with the LM in `lm_dir` for pocketsphinx)."""
+    crop_units, lr, seed, held_out_every, test_rates, test_clips), `tts` (the engine that speaks, its workers) and
+    `asr` (the scorer, with the LM in `lm_dir` for pocketsphinx)."""
     import time
 
     import torch
@@ -356,18 +357,18 @@ def train_detokenizer(params: dict, tokenizer_dir: str, filtered: str, tokens: s
     if not train or not test:
         raise ValueError(f"{filtered}: {len(assistant)} clips of the assistant, {len(test)} of them held out; the "
                          "detokenizer needs the assistant's voice to learn and held-out clips to measure")
-    voice = assistant[0]["voice"]
+    voice, pitch = assistant[0]["voice"], int(assistant[0]["pitch"])
     speech_dir = Path(data_root) / "tts" / "detokenizer"
     jobs = detokenizer_speech_jobs(rows, {w for v in held_out for w in v.split()}, voice,
-                                   sorted({int(u["rate"]) for u in assistant}))
+                                   sorted({int(u["rate"]) for u in assistant}), pitch)
     synthesiser = engine(params["tts"])
     spoken = synthesize_all(jobs, speech_dir, workers=params["tts"]["workers"], desc="detokenizer: speech",
                             synthesiser=synthesiser)
     tokenizer = load_speech_tokenizer(tokenizer_dir)
     # The recorded held-out answers, then the same values spoken at `test_rates`: enough clips that the WER of the
     # resynthesis is measured to a few hundredths (each clip of a one-word answer moves the mean by 1 / clips).
-    extra_tests = synthesize_all(detokenizer_test_jobs(held_out, voice, detokenizer_params["test_rates"]), speech_dir,
-                                 workers=params["tts"]["workers"], desc="detokenizer: held-out answers",
+    extra_tests = synthesize_all(detokenizer_test_jobs(held_out, voice, detokenizer_params["test_rates"], pitch),
+                                 speech_dir, workers=params["tts"]["workers"], desc="detokenizer: held-out answers",
                                  synthesiser=synthesiser)
     test = [dict(u, path=str(Path(data_root) / u["path"])) for u in test]
     for job in extra_tests:
