@@ -127,13 +127,13 @@ def overlay(workdir, text: str) -> tuple[str, str]:
 
 def test_changing_a_synthesis_parameter_reruns_exactly_what_depends_on_it(micro_run):
     jobs = planned_jobs(snakemake(micro_run, "data", "-n", overlays=overlay(micro_run, "tts:\n  rate: [150, 180]\n")))
-    assert set(jobs) == {"tts", "asr_filter", "noisy", "speech_tokenizer", "speech_tokens", "manifests",
-                         "data_report", "data"}
+    assert set(jobs) == {"tts", "asr_filter", "noisy", "speech_tokenizer", "speech_tokens", "detokenizer",
+                         "manifests", "data_report", "data"}
 
 
 def test_changing_the_wer_threshold_keeps_synthesis(micro_run):
     jobs = planned_jobs(snakemake(micro_run, "data", "-n", overlays=overlay(micro_run, "asr:\n  max_wer: 0.4\n")))
-    assert set(jobs) == {"asr_filter", "noisy", "speech_tokenizer", "speech_tokens", "manifests",
+    assert set(jobs) == {"asr_filter", "noisy", "speech_tokenizer", "speech_tokens", "detokenizer", "manifests",
                          "data_report", "data"}
 
 
