@@ -122,7 +122,7 @@ rule speech_tokens:
 
 rule detokenizer:
     """Speech out: units -> speech in the assistant's voice (flow matching to mel, Griffin-Lim), trained on the
-    assistant's answer clips and the training sentences spoken again in its voice (clips in tts/detokenizer), its
+    assistant's answer clips and the training sentences spoken again in its voice (clips in detokenizer_speech/), its
     resynthesis measured by the ASR scorer on held-out answer values (quality.json)."""
     input:
         unpack(asr_scorer_inputs),

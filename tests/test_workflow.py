@@ -361,7 +361,7 @@ def test_init_from_released_weights_starts_from_that_folder_instead_of_the_assem
 
 def test_the_detokenizer_rule_learns_the_assistants_voice_and_measures_held_out_answers(micro_run):
     """Rule detokenizer on the micro world: the flow learns from the assistant's answer clips and the training
-    sentences spoken again in its voice (tts/detokenizer), none with a held-out answer word, and quality.json scores
+    sentences spoken again in its voice (detokenizer_speech/), none with a held-out answer word, and quality.json scores
     the held-out answers with the world's ASR scorer three ways: as recorded, their own mel through Griffin-Lim, their
     units resynthesised."""
     from fac.data.detokenizer import load_detokenizer
@@ -373,11 +373,11 @@ def test_the_detokenizer_rule_learns_the_assistants_voice_and_measures_held_out_
     held = set(quality["held_out_values"])
     assert quality["voice"] == assistant[0]["voice"] and held and held < {r["text"] for r in assistant}
     assert quality["answer_clips"] == sum(r["text"] not in held for r in assistant)
-    sentences = sorted((data / "tts/detokenizer").glob("d-*.wav"))
+    sentences = sorted((data / "detokenizer_speech").glob("d-*.wav"))
     assert quality["sentence_clips"] == len(sentences) > 0
     assert quality["train_clips"] == quality["answer_clips"] + quality["sentence_clips"]
     # the recorded held-out answers, then each held-out value spoken again at 150 words per minute, at most 6
-    assert len(list((data / "tts/detokenizer").glob("t-*-150.wav"))) == len(held)
+    assert len(list((data / "detokenizer_speech").glob("t-*-150.wav"))) == len(held)
     assert quality["test_clips"] == min(6, sum(r["text"] in held for r in assistant) + len(held))
     for key in ("wer_original", "wer_vocoder_of_original_mel", "wer_resynthesised", "mel_l1"):
         assert quality[key] >= 0.0

@@ -323,7 +323,7 @@ def train_detokenizer(params: dict, tokenizer_dir: str, filtered: str, tokens: s
                       data_root: str, out_dir: str, threads: int = 1) -> dict:
     """The tiny detokenizer (fac.data.detokenizer), trained to speak in the assistant's voice on the assistant's
     answer clips and on the training split's sentences spoken again in that voice (detokenizer_speech_jobs: clips
-    under `data_root`/tts/detokenizer, kept across a killed run), with their units; then measured on the assistant's
+    under `data_root`/detokenizer_speech, kept across a killed run), with their units; then measured on the assistant's
     clips of held-out answer values (one value in `held_out_every`, none of its words in any training clip), and those
     values spoken again at `test_rates` (detokenizer_test_jobs), at most `test_clips` in all: the ASR
     scorer's WER of the original clips, of their own mel through the vocoder, and of their units spoken again
@@ -358,7 +358,7 @@ def train_detokenizer(params: dict, tokenizer_dir: str, filtered: str, tokens: s
         raise ValueError(f"{filtered}: {len(assistant)} clips of the assistant, {len(test)} of them held out; the "
                          "detokenizer needs the assistant's voice to learn and held-out clips to measure")
     voice, pitch = assistant[0]["voice"], int(assistant[0]["pitch"])
-    speech_dir = Path(data_root) / "tts" / "detokenizer"
+    speech_dir = Path(data_root) / "detokenizer_speech"  # not under tts/: the tts rule's folder
     jobs = detokenizer_speech_jobs(rows, {w for v in held_out for w in v.split()}, voice,
                                    sorted({int(u["rate"]) for u in assistant}), pitch)
     synthesiser = engine(params["tts"])
