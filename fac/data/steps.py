@@ -397,9 +397,10 @@ def train_detokenizer(params: dict, tokenizer_dir: str, filtered: str, tokens: s
         units = codes[u["id"]]
         samples = read_wav(u["path"])
         mel = log_mel(samples, len(units))
-        mel_l1.append(float((detokenizer.mel(units) - mel).abs().mean()))
+        sampled = detokenizer.mel(units)  # sampled once: for its L1 and for the resynthesis heard
+        mel_l1.append(float((sampled - mel).abs().mean()))
         # The clip's own mel through the vocoder: what the vocoder alone costs (a flow that were exact would get it).
-        heard = scorer.transcribe_batch([samples, detokenizer.vocoder(mel), detokenizer.synthesize(units)])
+        heard = scorer.transcribe_batch([samples, detokenizer.vocoder(mel), detokenizer.vocoder(sampled)])
         for rates, transcript in zip((original, inverted, resynthesised), heard):
             rates.append(word_error_rate(u["text"], transcript))
     quality = {"train_clips": len(examples), "answer_clips": len(train), "sentence_clips": len(spoken),
