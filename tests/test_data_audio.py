@@ -112,3 +112,12 @@ def test_duration_seconds_of_corrupt_file_names_it(tmp_path):
     (tmp_path / "bad.wav").write_bytes(b"\x00\x01" * 100)
     with pytest.raises(audio.AudioError, match=r"bad\.wav: not a readable audio file"):
         audio.duration_seconds(tmp_path / "bad.wav")
+
+
+def test_speech_seconds_is_the_voiced_span_without_leading_and_trailing_silence():
+    quiet = 1e-4 * np.random.default_rng(0).standard_normal(int(0.3 * audio.SAMPLE_RATE))  # ~74 dB below the tone
+    clip = np.concatenate([quiet, tone(), quiet[:1600], tone(), quiet]).astype(np.float32)
+    assert audio.speech_seconds(clip) == pytest.approx(1.1, abs=0.011)  # tone, 0.1 s gap, tone; 0.6 s of edges cut
+    assert audio.speech_seconds(tone()) == pytest.approx(0.5, abs=0.011)
+    assert audio.speech_seconds(np.zeros(audio.SAMPLE_RATE, dtype=np.float32)) == 0.0
+    assert audio.speech_seconds(np.zeros(0, dtype=np.float32)) == 0.0

@@ -198,3 +198,39 @@ def test_a_reply_follows_quickly_when_it_is_short_enough():
 
     assert follows_style(6, 6, 10) and follows_style(7, 6, 10)
     assert not follows_style(8, 6, 10) and not follows_style(12, 6, 10)
+
+
+def test_instruction_by_ear_judges_the_spoken_answers_duration_against_both_recordings(tmp_path):
+    """A spoken answer follows "slowly" when its voiced duration is nearer, in log ratio, to the slow recording's than
+    to the normal one's (silence around it does not count); the normal recording is the same answer's reply in
+    spoken_qa_test; a record with no normal recording is named."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from fac.data.audio import SAMPLE_RATE, write_wav
+    from fac.eval.metrics import instruction_by_ear
+
+    def clip(seconds, silence=0.0):
+        t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+        pad = np.zeros(int(silence * SAMPLE_RATE), dtype=np.float32)
+        return np.concatenate([pad, (0.5 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), pad])
+
+    write_wav(tmp_path / "normal.wav", clip(1.0))
+    write_wav(tmp_path / "slow.wav", clip(1.6, silence=0.4))  # voiced 1.6 s: the log-midpoint is 1.26 s
+    write_wav(tmp_path / "normal2.wav", clip(0.8))
+
+    def record(i, answer, ref, style="slowly"):
+        return SimpleNamespace(meta={"id": f"q{i}", "answer": answer, "style": style}, reply_ref_path=ref)
+
+    normal = [record(0, "paris", "normal.wav"), record(1, "rome", "normal2.wav")]
+    data = SimpleNamespace(records={"spoken_qa_test": normal}, features=SimpleNamespace(data_root=tmp_path))
+    spoken = {0: clip(1.5, silence=0.3), 1: clip(1.1, silence=0.5), 2: clip(1.3), 3: clip(0.0)}
+    speech_out = SimpleNamespace(detokenizer=SimpleNamespace(sample_rate=SAMPLE_RATE),
+                                 speak=lambda units: [spoken[u[0]] for u in units])
+    styled = [record(i, "paris", "slow.wav") for i in range(4)]
+    metrics = instruction_by_ear(styled, [[0], [1], [2], [3]], data, speech_out)
+    assert metrics["instruction_acc"] == pytest.approx(2 / 4)  # 1.5 s and 1.3 s follow; 1.1 s and nothing do not
+    assert metrics["instruct_duration_ratio_slowly"] == pytest.approx((1.5 + 1.1 + 1.3 + 0.0) / 4, abs=0.01)
+    with pytest.raises(ValueError, match=r"q9 \(answer 'oslo'\) has no normal recording"):
+        instruction_by_ear([record(9, "oslo", "slow.wav")], [[0]], data, speech_out)

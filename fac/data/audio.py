@@ -3,6 +3,7 @@ Every other module goes through here, so a bad file fails once, early, and names
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,25 @@ def read_wav(path) -> np.ndarray:
         raise AudioError(f"{path}: no such audio file; expected a wav file at this path")
     if path.stat().st_size == 0:
         raise AudioError(f"{path}: is an empty file (0 bytes); expected a wav file holding speech")
+    return _decode(path, str(path))
+
+
+def decode_audio(data: bytes, name: str = "the audio") -> np.ndarray:
+    """read_wav on bytes (an upload): float32 mono at 16 kHz, an empty, unreadable, sample-less or silent clip
+    refused with an AudioError whose message starts with `name`."""
+    if not data:
+        raise AudioError(f"{name}: is empty (0 bytes); expected a wav file holding speech")
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source, name: str) -> np.ndarray:
     try:
-        samples, sample_rate = sf.read(path, dtype="float32", always_2d=True)
+        samples, sample_rate = sf.read(source, dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError) as error:
-        raise AudioError(f"{path}: not a readable audio file ({error}); expected a wav, flac or ogg file") from error
+        reason = str(error).replace(f"Error opening {source!r}: ", "")  # libsndfile's words, not a buffer's repr
+        raise AudioError(f"{name}: not a readable audio file ({reason}); expected a wav, flac or ogg file") from error
     if samples.shape[0] == 0:
-        raise AudioError(f"{path}: holds 0 samples; expected a clip of speech")
+        raise AudioError(f"{name}: holds 0 samples; expected a clip of speech")
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     if sample_rate != SAMPLE_RATE:
         # torch is imported only where a clip needs resampling: the workflow imports this module (through the
@@ -39,10 +53,11 @@ def read_wav(path) -> np.ndarray:
         import torch
         import torchaudio.functional
 
-        mono = torchaudio.functional.resample(torch.from_numpy(mono), sample_rate, SAMPLE_RATE).numpy()
+        mono = torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(mono)), sample_rate,
+                                              SAMPLE_RATE).numpy()
     peak = float(np.max(np.abs(mono)))
     if peak < SILENCE_PEAK:
-        raise AudioError(f"{path}: is silent (peak {peak:.2e} < {SILENCE_PEAK:.0e}); expected a clip of speech")
+        raise AudioError(f"{name}: is silent (peak {peak:.2e} < {SILENCE_PEAK:.0e}); expected a clip of speech")
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
@@ -69,3 +84,20 @@ def duration_seconds(path) -> float:
         return float(sf.info(path).duration)
     except (sf.SoundFileError, RuntimeError) as error:
         raise AudioError(f"{path}: not a readable audio file ({error}); expected a wav, flac or ogg file") from error
+
+
+def speech_seconds(samples, sample_rate: int = SAMPLE_RATE, floor_db: float = 35.0, frame_ms: float = 10.0) -> float:
+    """The voiced span of a clip in seconds: from the first to the last `frame_ms` frame whose RMS lies within
+    `floor_db` of the loudest frame's (the leading and trailing silence cut, as a listener times an answer).
+    0.0 for no samples or a silent clip."""
+    samples = np.asarray(samples, dtype=np.float32)
+    frame = max(1, int(sample_rate * frame_ms / 1000))
+    frames = len(samples) // frame
+    if frames == 0:
+        return 0.0
+    rms = np.sqrt(np.mean(samples[: frames * frame].reshape(frames, frame) ** 2, axis=1))
+    loudest = float(rms.max())
+    if loudest < SILENCE_PEAK:
+        return 0.0
+    voiced = np.flatnonzero(rms >= loudest * 10 ** (-floor_db / 20))
+    return float((voiced[-1] - voiced[0] + 1) * frame / sample_rate)

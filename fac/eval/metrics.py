@@ -5,7 +5,8 @@ spoken_qa_acc asks the test facts (known only from text) aloud; text_qa_acc asks
 base LLM's knowledge, retained or forgotten); speech_token_acc is the SRH's teacher-forced code accuracy;
 spoken_qa_acc_noisy (robustness) asks them at 10 dB SNR; emotion_acc (audio understanding) and empathy_acc
 (voice empathy) use the emotion clips of the test split; instruction_acc (instruction following) asks the
-test questions with a speaking style in the system prompt and judges the generated speech's length.
+test questions with a speaking style in the system prompt and judges the spoken answer's duration by ear (with a
+detokenizer; the generated units' count without one, also kept as instruction_units_acc).
 Speech to speech (with a detokenizer and an ASR scorer: `SpeechOut`): the spoken questions answered in text and
 speech, the speech spoken by the detokenizer and transcribed by the scorer; s2s_acc (UltraEval-Audio's answer match
 on the transcript: the value is in what the answer says aloud) and answer_wer (the transcript's WER against the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -123,21 +125,67 @@ INSTRUCT_TEST = "instruct_test"  # test questions asked with a speaking style (i
 
 
 @torch.no_grad()
-def instruction_accuracy(model, data: SpokenData, name: str, batch_size: int = 16) -> dict:
-    """`instruction_acc`: share of styled questions whose generated spoken answer follows the style (by length);
-    `instruct_length_ratio_<style>`: mean generated length over the answer's normal length, per style."""
+def instruction_accuracy(model, data: SpokenData, name: str, batch_size: int = 16,
+                         speech_out: SpeechOut | None = None) -> dict:
+    """Styled questions answered in speech (s2m, greedy). `instruction_units_acc`: share whose generated units are
+    nearer in count, in log ratio, to the styled answer's than to the normal one's (fac.data.manifests.follows_style);
+    `instruct_length_ratio_<style>`: mean generated over normal unit count. `instruction_acc` is judged by ear when
+    `speech_out` gives a detokenizer (`instruction_by_ear`: the spoken answer's duration), else it is the unit count's.
+    The world's styles are rates only: its speech units are computed on loudness-normalised features, so a loudness
+    style would ask for what no unit can say (params `instruction.styles`)."""
     model.eval()
     audio_cfg = model.config.audio_config
     follows, ratios = 0, {}
     records = data.records[name]
     budgets = [spoken_reply_budget(len(rec.codes), audio_cfg.group_size) for rec in records]
     said = answers(model, data, records, f"instruction following {name}", "s2m", budgets, batch_size)
-    for rec, (_, speech) in zip(records, said):
-        units = len(spoken_units(speech, audio_cfg))
-        follows += follows_style(units, len(rec.codes), rec.meta["normal_units"])
-        ratios.setdefault(rec.meta["style"], []).append(units / rec.meta["normal_units"])
-    metrics = {"instruction_acc": follows / len(records)}
+    generated = [spoken_units(speech, audio_cfg) for _, speech in said]
+    for rec, units in zip(records, generated):
+        follows += follows_style(len(units), len(rec.codes), rec.meta["normal_units"])
+        ratios.setdefault(rec.meta["style"], []).append(len(units) / rec.meta["normal_units"])
+    metrics = {"instruction_units_acc": follows / len(records), "instruction_acc": follows / len(records)}
     metrics.update({f"instruct_length_ratio_{style}": sum(r) / len(r) for style, r in sorted(ratios.items())})
+    if speech_out is not None:
+        metrics.update(instruction_by_ear(records, generated, data, speech_out))
+    return metrics
+
+
+def instruction_by_ear(records: list[SpokenRecord], generated: list[list[int]], data: SpokenData,
+                       speech_out: SpeechOut) -> dict:
+    """Instruction following judged on the generated audio: each styled answer's units spoken by the detokenizer,
+    its voiced duration (fac.data.audio.speech_seconds: leading and trailing silence cut) nearer, in log ratio, to the
+    styled recording's (the record's reply) than to the normal recording's (the same answer's reply in the spoken QA
+    test sets). `instruction_acc` is that share; `instruct_duration_ratio_<style>` the mean generated over normal
+    duration. A record whose normal recording no test set holds is named in the error."""
+    from fac.data.audio import SAMPLE_RATE, read_wav, speech_seconds
+
+    normal_paths = {}
+    for name in ("spoken_qa_test", "spoken_qa_test_unseen_voices"):
+        for rec in data.records.get(name, []):
+            if rec.reply_ref_path:
+                normal_paths.setdefault(rec.meta.get("answer"), rec.reply_ref_path)
+    recorded: dict[str, float] = {}
+
+    def seconds(rel_path: str) -> float:
+        if rel_path not in recorded:
+            recorded[rel_path] = speech_seconds(read_wav(data.features.data_root / rel_path), SAMPLE_RATE)
+        return recorded[rel_path]
+
+    follows, ratios = 0, {}
+    rate = speech_out.detokenizer.sample_rate
+    for rec, clip in zip(records, speech_out.speak(generated)):
+        normal = normal_paths.get(rec.meta.get("answer"))
+        if not rec.reply_ref_path or not normal:
+            raise ValueError(f"instruction following by ear: record {rec.meta.get('id')} (answer "
+                             f"{rec.meta.get('answer')!r}) has no {'styled' if not rec.reply_ref_path else 'normal'} "
+                             "recording to compare its spoken answer with; expected the reply's ref_path, and the "
+                             "same answer in spoken_qa_test")
+        spoken, styled, plain = speech_seconds(clip, rate), seconds(rec.reply_ref_path), seconds(normal)
+        if spoken > 0 and styled > 0 and plain > 0:
+            follows += abs(math.log(spoken / styled)) < abs(math.log(spoken / plain))
+        ratios.setdefault(rec.meta["style"], []).append(spoken / plain if plain > 0 else 0.0)
+    metrics = {"instruction_acc": follows / len(records)}
+    metrics.update({f"instruct_duration_ratio_{style}": sum(r) / len(r) for style, r in sorted(ratios.items())})
     return metrics
 
 
@@ -163,7 +211,10 @@ def speech_token_accuracy(model, data: SpokenData, name: str, batch_size: int = 
 class SpeechOut:
     """What speech-to-speech evaluation hears the answers with: a detokenizer folder (fac.data.detokenizer: units ->
     wav) and an ASR scorer (the `asr` params section, the LM folder for pocketsphinx); `questions` per test set (the
-    first ones, 0: all)."""
+    first ones, 0: all). `examples` collects the first `EXAMPLES` answers of each set heard (speech_to_speech), for
+    the report to play."""
+
+    EXAMPLES = 3
 
     def __init__(self, detokenizer_dir: str, asr_params: dict, lm_dir: str | None, questions: int):
         from fac.data.asr import recognizer
@@ -172,10 +223,15 @@ class SpeechOut:
         self.detokenizer = load_detokenizer(detokenizer_dir)
         self.scorer = recognizer(asr_params, lm_dir)
         self.questions = questions
+        self.examples: list[dict] = []
+
+    def speak(self, units_per_answer: list[list[int]]) -> list:
+        """Each answer's units spoken by the detokenizer (float32 at its sample rate; no samples for no unit)."""
+        return [self.detokenizer.synthesize(units) for units in units_per_answer]
 
     def hear(self, units_per_answer: list[list[int]]) -> list[str]:
         """The scorer's transcript of each answer spoken by the detokenizer ("" for an answer with no unit)."""
-        clips = [self.detokenizer.synthesize(units) for units in units_per_answer]
+        clips = self.speak(units_per_answer)
         spoken = [i for i, clip in enumerate(clips) if len(clip)]
         heard = dict(zip(spoken, self.scorer.transcribe_batch([clips[i] for i in spoken]) if spoken else []))
         return [heard.get(i, "") for i in range(len(clips))]
@@ -195,8 +251,14 @@ def speech_to_speech(model, data: SpokenData, name: str, tokenizer, speech_out: 
     records = data.records[name][: speech_out.questions or None]
     budgets = [spoken_reply_budget(len(rec.codes), audio_cfg.group_size) for rec in records]
     said = answers(model, data, records, f"speech to speech {name}", "s2m", budgets, batch_size)
-    heard = speech_out.hear([spoken_units(speech, audio_cfg) for _, speech in said])
+    units = [spoken_units(speech, audio_cfg) for _, speech in said]
+    heard = speech_out.hear(units)
     texts = [tokenizer.decode(text, skip_special_tokens=True).strip() for text, _ in said]
+    for rec, text, spoken, transcript in list(zip(records, texts, units, heard))[: speech_out.EXAMPLES]:
+        speech_out.examples.append({"set": name, "id": rec.meta.get("id"), "question_audio": rec.user_path,
+                                    "question": text_form(rec), "answer": rec.meta["answer"], "text": text,
+                                    "units": [int(u) for u in spoken], "heard": transcript,
+                                    "reference_audio": rec.reply_ref_path})
     matched = sum(answer_matches(rec.meta["answer"], transcript) for rec, transcript in zip(records, heard))
     rates = [word_error_rate(text, transcript) if normalise(text) else 1.0 for text, transcript in zip(texts, heard)]
     return {"s2s_acc": matched / len(records), "answer_wer": sum(rates) / len(rates), "s2s_questions": len(records)}
@@ -369,7 +431,7 @@ def _world_metrics(model, data: SpokenData, tokenizer, world_dir: str, optional:
     if "paraling_test" in optional:
         metrics.update(paralinguistic_accuracy(model, data, "paraling_test", tokenizer, batch_size))
     if INSTRUCT_TEST in optional:
-        metrics.update(instruction_accuracy(model, data, INSTRUCT_TEST, batch_size))
+        metrics.update(instruction_accuracy(model, data, INSTRUCT_TEST, batch_size, speech_out))
     if speech_out is not None:  # heard, as the anchors are scored: s2s_acc, answer_wer (+ _unseen_voices)
         for name, suffix in (("spoken_qa_test", ""), ("spoken_qa_test_unseen_voices", "_unseen_voices")):
             scored = speech_to_speech(model, data, name, tokenizer, speech_out, batch_size)

@@ -179,6 +179,11 @@ class SpokenRecord:
         self.user_path, self.clips = clips[0], clips
         last = self.turns[-1]
         self.text, self.codes = last["text"], last["codes"]
+        # The recording of a spoken reply (its audio entry's ref_path, relative to the data folder), or "".
+        entries = record.get("audio") or []
+        reply = entries[-1] if self.codes is not None and entries else {}
+        reply = json.loads(reply) if isinstance(reply, str) else reply
+        self.reply_ref_path = (reply.get("ref_path") or "") if isinstance(reply, dict) else ""
 
     @property
     def single_turn(self) -> bool:
