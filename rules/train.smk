@@ -194,7 +194,8 @@ rule evaluate:
         unpack(eval_inputs),
         model=checkpoint_of_stage,
     output:
-        f"{RESULTS}/eval/{{stage}}.json",
+        json=f"{RESULTS}/eval/{{stage}}.json",
+        examples=f"{RESULTS}/eval/examples/{{stage}}.json",  # the first answers heard, for the report to play
     wildcard_constraints:
         stage="|".join(EVAL_STAGES),
     params:
@@ -214,7 +215,8 @@ rule evaluate:
         f"{BENCH}/eval/{{stage}}.tsv"
     shell:
         "fac eval --stage {wildcards.stage} --model {input.model} {params.data}"
-        " --data-root {params.root} --out {output} {params.placement} {params.batch} {params.speech}"
+        " --data-root {params.root} --out {output.json} --examples {output.examples} {params.placement}"
+        " {params.batch} {params.speech}"
         " --threads {threads} 2> {log}"
 
 
@@ -244,11 +246,14 @@ rule report:
         metrics=rules.metrics.output.json,
         checkpoints=[f"{RESULTS}/checkpoints/{stage}" for stage in ("base_llm", "prealign", "stage1", "stage2", "dpo")],
         ablations=[f"{RESULTS}/ablations.json"] if config["ablations"]["in_all"] else [],
+        examples=expand(f"{RESULTS}/eval/examples/{{stage}}.json", stage=EVAL_STAGES),
+        speech=[f"{DATA}/detokenizer"] if WORLD else [],  # speaks the examples' answers
     output:
         f"{RESULTS}/report.html",
     params:
         results=lambda wildcards, output: os.path.dirname(os.path.dirname(output[0])),  # results/<exp>/..
         experiment=EXP,
+        speech=lambda wildcards, input: f"--detokenizer {input.speech[0]} --data-root {DATA}" if input.speech else "",
     resources:
         **group_resources("default"),
     conda:
@@ -256,4 +261,5 @@ rule report:
     log:
         f"{LOGS}/eval/report.log",
     shell:
-        "fac report --results {params.results} --experiment {params.experiment} --out {output} > {log} 2>&1"
+        "fac report --results {params.results} --experiment {params.experiment} --out {output} {params.speech}"
+        " > {log} 2>&1"

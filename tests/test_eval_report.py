@@ -70,3 +70,53 @@ def test_experiments_with_different_k_form_the_grouping_table(tmp_path):
     section = page[page.index("Ablation: grouping k"):]
     assert section.index("k=1 (k1) / dpo") < section.index("k=5 (default) / dpo")
     assert "<td>0.225</td>" in section and "<td>0.350</td>" in section  # each experiment's dpo spoken_qa_acc
+
+
+def test_report_plays_each_stages_spoken_answers_beside_the_question_and_the_reference(tmp_path):
+    """With a detokenizer, the report's "Spoken answers": per test set its first QUESTIONS_PER_SET questions (of the
+    stages' eval/examples), each with the question's and the reference's recordings and, per stage, the text, the
+    transcript and the spoken answer (the example's units spoken again: 640 samples per unit) as WAV <audio>, and one
+    mel figure; an answer with no units says so instead."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from fac.data.audio import SAMPLE_RATE, write_wav
+    from fac.data.detokenizer import log_mel, train_flow_detokenizer
+    from fac.eval.report import QUESTIONS_PER_SET
+
+    t = np.arange(6400) / SAMPLE_RATE
+    for name, hz in (("q.wav", 200), ("ref.wav", 300)):
+        write_wav(tmp_path / "data" / name, (0.4 * np.sin(2 * np.pi * hz * t)).astype(np.float32))
+    units = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    detokenizer, _ = train_flow_detokenizer(
+        [(units, log_mel((0.4 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), len(units)), "v")], 12, "v",
+        {"channels": 16, "layers": 1, "kernel": 3, "dilations": 1, "unit_layers": 0, "sampling_steps": 2,
+         "temperature": 1.0, "griffin_lim_iterations": 2, "steps": 0, "batch_size": 1, "crop_units": 0, "lr": 1e-3,
+         "seed": 0})
+    detokenizer.save(tmp_path / "detokenizer")
+    write_experiment(tmp_path / "results", "default", 0.25, with_history=False)
+    examples = tmp_path / "results" / "default" / "eval" / "examples"
+    examples.mkdir(parents=True)
+
+    def example(i, set_name, spoken):
+        return {"set": set_name, "id": f"q{i}", "question_audio": "q.wav", "question": f"where is thing {i}?",
+                "answer": "paris", "text": f"paris {i}", "units": spoken, "heard": "paris", "reference_audio": "ref.wav"}
+
+    for stage, spoken in (("stage1", [1, 2, 3]), ("stage2", [4, 5, 6, 7, 8])):
+        rows = [example(i, "spoken_qa_test", spoken) for i in range(3)] + [example(9, "unseen", [])]
+        (examples / f"{stage}.json").write_text(json.dumps(rows))
+    out = tmp_path / "report.html"
+    info = build_report(tmp_path / "results", "default", out, tmp_path / "detokenizer", tmp_path / "data")
+    page = out.read_text()
+    assert info["spoken_examples"] == QUESTIONS_PER_SET + 1 == page.count("<h3>spoken_qa_test: ") + 1
+    assert "where is thing 0?" in page and "where is thing 2?" not in page and "<h3>unseen: where is thing 9?" in page
+    clips = [sf.read(io.BytesIO(base64.b64decode(b)))[0] for b in re.findall(r'src="data:audio/wav;base64,([^"]+)"', page)]
+    lengths = [len(c) for c in clips]
+    # per question: its audio and the reference's (6400 samples each), then stage 1's 3 units and stage 2's 5
+    assert lengths == [6400, 6400, 3 * 640, 5 * 640] * QUESTIONS_PER_SET + [6400, 6400]
+    assert all(np.abs(c).max() > 0.01 for c in clips)
+    assert page.count("(no speech)") == 2 and len(re.findall(r'alt="mels: q\d"', page)) == QUESTIONS_PER_SET + 1
+    without = build_report(tmp_path / "results", "default", out)  # no detokenizer: no section
+    assert without["spoken_examples"] == 0 and "Spoken answers" not in out.read_text()

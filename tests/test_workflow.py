@@ -167,10 +167,10 @@ def test_whole_dag_writes_per_stage_metrics(micro_run):
     efficiency = {"train_step_seconds", "train_tokens_per_second"}
     assert set(metrics["base_llm"]) == {"text_qa_acc"} | efficiency
     accuracies = {"spoken_qa_acc", "spoken_qa_acc_unseen_voices", "text_qa_acc", "speech_token_acc",
-                  "spoken_qa_acc_noisy", "emotion_acc", "empathy_acc", "instruction_acc", "s2s_acc",
-                  "s2s_acc_unseen_voices"}
-    lengths = {"instruct_length_ratio_quickly", "instruct_length_ratio_slowly", "answer_wer",
-               "answer_wer_unseen_voices"}
+                  "spoken_qa_acc_noisy", "emotion_acc", "empathy_acc", "instruction_acc", "instruction_units_acc",
+                  "s2s_acc", "s2s_acc_unseen_voices"}
+    lengths = {"instruct_length_ratio_quickly", "instruct_length_ratio_slowly", "instruct_duration_ratio_quickly",
+               "instruct_duration_ratio_slowly", "answer_wer", "answer_wer_unseen_voices"}
     # speech to speech: the micro test sets are smaller than evaluation.speech_questions (60): every question asked
     asked = {f"s2s_questions{suffix}": sum(1 for _ in open(micro_run / f"results/micro/data/manifests/{name}.jsonl"))
              for suffix, name in (("", "spoken_qa_test"), ("_unseen_voices", "spoken_qa_test_unseen_voices"))}
@@ -182,6 +182,11 @@ def test_whole_dag_writes_per_stage_metrics(micro_run):
         assert all(metrics[stage][m] >= 0.0 for m in lengths)
         assert {k: metrics[stage][k] for k in asked} == asked
         assert stage in ("init", "merged") or metrics[stage]["train_step_seconds"] > 0 < metrics[stage]["train_tokens_per_second"]
+        # the first 3 answers heard per test set, kept for the report: what the scorer heard, from the units kept
+        examples = json.loads((micro_run / f"results/micro/eval/examples/{stage}.json").read_text())
+        assert [e["set"] for e in examples] == ["spoken_qa_test"] * 3 + ["spoken_qa_test_unseen_voices"] * 3
+        assert all(e["question_audio"] and e["reference_audio"] and isinstance(e["units"], list) for e in examples)
+    assert json.loads((micro_run / "results/micro/eval/examples/base_llm.json").read_text()) == []
     assert set(metrics["encoder"]) == {"encoder_wer", "encoder_wer_unseen_voices"}
     assert "| stage |" in (micro_run / "results/micro/metrics.md").read_text()
     assert "<h2>Per-stage metrics</h2>" in (micro_run / "results/micro/report.html").read_text()

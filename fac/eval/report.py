@@ -2,9 +2,12 @@
 
 Sections: the per-stage metrics table of the experiment, its ablation tables (when ablations.json is
 there: merge alpha, DPO per dimension vs multi-task; and grouping k across the experiments under the same
-results folder whose checkpoints use different k), the loss curves of every trained stage (from the
-checkpoints' history.jsonl), DPO's reward margin and accuracy, and a comparison with every other experiment
-found under the same results folder (their metrics.json), as a table and a plot per headline metric.
+results folder whose checkpoints use different k), the spoken answers (with a detokenizer: a few test questions
+per set, each with its question audio, the reference answer's recording and, per stage, the text answer, what the
+ASR scorer heard and the spoken answer as `<audio>` elements, and the mels of the spoken answers beside the
+reference's), the loss curves of every trained stage (from the checkpoints' history.jsonl), DPO's reward margin
+and accuracy, and a comparison with every other experiment found under the same results folder (their
+metrics.json), as a table and a plot per headline metric. Sound is embedded as WAV data URIs: the page is one file.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from fac import atomic  # noqa: E402
 
 HEADLINE = ["spoken_qa_acc", "spoken_qa_acc_unseen_voices", "text_qa_acc", "speech_token_acc"]
 TRAINED = ["base_llm", "encoder", "prealign", "stage1", "stage2", "dpo"]
+STAGE_ORDER = ["init", "prealign", "stage1", "merged", "stage2", "dpo"]  # the DRSR stages, in recipe order
+QUESTIONS_PER_SET = 2  # spoken answers shown per test set
 
 
 def _png(fig) -> str:
@@ -103,6 +108,95 @@ def comparison_figure(experiments: dict[str, dict], metric: str) -> str | None:
     return _png(fig)
 
 
+def _wav_uri(samples, sample_rate: int) -> str:
+    import numpy as np
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    sf.write(buffer, np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16",
+             format="WAV")
+    return "data:audio/wav;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _audio(samples, sample_rate: int, label: str) -> str:
+    return (f'<audio controls preload="auto" title="{html.escape(label)}" '
+            f'src="{_wav_uri(samples, sample_rate)}"></audio>')
+
+
+def mel_figure(mels: dict[str, object]) -> str:
+    """One row of log-mel images (label -> [frames, 80]), on one colour scale: the reference and each stage's."""
+    import numpy as np
+
+    arrays = {label: np.asarray(mel) for label, mel in mels.items()}
+    low = min(float(a.min()) for a in arrays.values())
+    high = max(float(a.max()) for a in arrays.values())
+    fig, axes = plt.subplots(1, len(arrays), figsize=(1.9 * len(arrays), 1.9), squeeze=False)
+    for ax, (label, array) in zip(axes[0], arrays.items()):
+        ax.imshow(array.T, origin="lower", aspect="auto", vmin=low, vmax=high, cmap="magma")
+        ax.set_title(label, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return _png(fig)
+
+
+def spoken_examples(exp_dir: Path, detokenizer_dir: str | Path, data_root: str | Path) -> list[str]:
+    """The "Spoken answers" section: the first QUESTIONS_PER_SET questions of each test set in the stages'
+    eval/examples/<stage>.json (fac eval --examples), their answers spoken again by the detokenizer (seeded: the
+    audio the ASR scorer heard). Empty when no stage has examples."""
+    from fac.data.audio import read_wav
+    from fac.data.detokenizer import FRAMES_PER_UNIT, load_detokenizer, log_mel
+
+    by_stage = {}
+    for stage in STAGE_ORDER:
+        path = exp_dir / "eval" / "examples" / f"{stage}.json"
+        if path.is_file():
+            examples = json.loads(path.read_text())
+            if examples:
+                by_stage[stage] = {(e["set"], e["id"]): e for e in examples}
+    if not by_stage:
+        return []
+    detokenizer = load_detokenizer(detokenizer_dir)
+    rate, data_root = detokenizer.sample_rate, Path(data_root)
+    hop = rate // detokenizer.config["unit_rate"] // FRAMES_PER_UNIT
+    questions: list[tuple[str, str]] = []
+    for examples in by_stage.values():
+        for key in examples:
+            if key not in questions and sum(k[0] == key[0] for k in questions) < QUESTIONS_PER_SET:
+                questions.append(key)
+    parts = ["<h2>Spoken answers</h2>",
+             "<p>Test questions answered in text and speech at each stage: the speech spoken by the experiment's "
+             "detokenizer, as the ASR scorer heard it (s2s_acc, answer_wer), beside the reference answer's "
+             "recording; the mels share one colour scale.</p>"]
+    for key in questions:
+        first = next(examples[key] for examples in by_stage.values() if key in examples)
+        question = read_wav(data_root / first["question_audio"])
+        parts.append(f"<h3>{html.escape(key[0])}: {html.escape(first['question'] or key[1])}</h3>")
+        parts.append(f"<p>question {_audio(question, rate, 'question')} reference answer "
+                     f"<b>{html.escape(first['answer'])}</b>")
+        mels = {}
+        if first.get("reference_audio"):
+            reference = read_wav(data_root / first["reference_audio"])
+            parts.append(_audio(reference, rate, "reference answer"))
+            mels["reference"] = log_mel(reference, max(1, len(reference) // (hop * FRAMES_PER_UNIT)))
+        parts.append("</p>")
+        rows = []
+        for stage, examples in by_stage.items():
+            example = examples.get(key)
+            if example is None:
+                continue
+            samples = detokenizer.synthesize(example["units"])
+            spoken = _audio(samples, rate, f"{stage} spoken answer") if len(samples) else "(no speech)"
+            if len(samples):
+                mels[stage] = log_mel(samples, len(samples) // (hop * FRAMES_PER_UNIT))
+            rows.append(f"<tr><th>{stage}</th><td>{html.escape(example['text'])}</td>"
+                        f"<td>{html.escape(example['heard'])}</td><td>{spoken}</td></tr>")
+        parts.append("<table><tr><th>stage</th><th>text answer</th><th>heard</th><th>spoken answer</th></tr>"
+                     + "".join(rows) + "</table>")
+        if mels:
+            parts.append(f'<img alt="mels: {html.escape(key[1])}" src="{mel_figure(mels)}">')
+    return parts
+
+
 def group_size_of(exp_dir: Path) -> int | None:
     """The grouping k of an experiment's final DRSR checkpoint (None when it has none yet)."""
     for stage in ("dpo", "stage2", "stage1", "prealign"):
@@ -126,8 +220,10 @@ def grouping_rows(results_root: Path, experiments: dict[str, dict]) -> dict[str,
     return rows
 
 
-def build_report(results_root: str | Path, experiment: str, out_path: str | Path) -> dict:
-    """Write the HTML report of `experiment` (results_root/<experiment>) beside its metrics."""
+def build_report(results_root: str | Path, experiment: str, out_path: str | Path,
+                 detokenizer_dir: str | Path | None = None, data_root: str | Path | None = None) -> dict:
+    """Write the HTML report of `experiment` (results_root/<experiment>) beside its metrics; with a detokenizer
+    and the experiment's data folder, its spoken answers too (`spoken_examples`)."""
     results_root = Path(results_root)
     exp_dir = results_root / experiment
     metrics_path = exp_dir / "metrics.json"
@@ -159,6 +255,8 @@ def build_report(results_root: str | Path, experiment: str, out_path: str | Path
         columns = [m for m in all_metrics if not m.startswith("encoder")]
         parts += ["<h2>Ablation: grouping k (one experiment per k, the whole recipe each)</h2>",
                   _table(grouping, columns, "k (experiment) / stage")]
+    spoken = spoken_examples(exp_dir, detokenizer_dir, data_root) if detokenizer_dir and data_root else []
+    parts += spoken
     figure = loss_figure({s: h for s, h in histories.items() if s != "dpo"})
     if figure:
         parts += ["<h2>Loss curves</h2>", f'<img alt="loss curves" src="{figure}">']
@@ -182,4 +280,5 @@ def build_report(results_root: str | Path, experiment: str, out_path: str | Path
             + "\n".join(parts) + "</body></html>\n")
     atomic.write_text(out_path, page)
     return {"experiments": sorted(experiments), "stages": list(metrics), "loss_curves": sorted(histories),
-            "ablations": ablations_path.is_file(), "grouping": sorted(grouping)}
+            "ablations": ablations_path.is_file(), "grouping": sorted(grouping),
+            "spoken_examples": sum(part.startswith("<h3>") for part in spoken)}
