@@ -13,7 +13,7 @@ export WANDB_MODE := offline
 export PYTHONUNBUFFERED := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup system reproduce ablations data test lint slurm clean-results
+.PHONY: setup system browser reproduce ablations data test lint slurm clean-results
 
 setup: system $(STAMP)
 
@@ -24,6 +24,15 @@ system:
 	  echo "installing system tools:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng sox g++; \
+	fi
+
+# Headless Chromium and its driver, for the tests that look at a page in a browser (tests/browser.py: the demo page,
+# the report's images). Debian's, at the paths the tests give selenium, so that Selenium Manager downloads nothing.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  echo "installing chromium and chromium-driver"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; \
 	fi
 
 # The virtual environment, rebuilt when the pins change. torch/torchaudio first: DeepSpeed's setup
@@ -62,7 +71,7 @@ data: setup data/world/lexicon.yaml
 # experiment run on one worker, the heaviest first (tests/conftest.py). TEST_WORKERS=0 runs them in one process.
 # The 25 slowest tests are listed at the end (where the time goes).
 TEST_WORKERS ?= 2
-test: setup data/world/lexicon.yaml
+test: setup browser data/world/lexicon.yaml
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=25 $(ARGS)
 
 # A one-node SLURM cluster on this machine (root: installs Debian's slurm and mariadb packages) to try the slurm

@@ -203,6 +203,8 @@ def _eval(args) -> None:
         speech_out = SpeechOut(args.detokenizer, speech["asr"], args.lm, speech["questions"])
     metrics = evaluate(args.stage, args.model, args.world, args.manifests, args.data_root, args.sets, placement,
                        args.batch_size, speech_out)
+    if args.examples:  # the first answers heard, for the report to play ([] without speech out)
+        write_json(speech_out.examples if speech_out is not None else [], args.examples)
     write_json(metrics, args.out)
     print(json.dumps(metrics))
 
@@ -222,7 +224,7 @@ def _metrics(args) -> None:
 def _report(args) -> None:
     from fac.eval.report import build_report
 
-    print(json.dumps(build_report(args.results, args.experiment, args.out)))
+    print(json.dumps(build_report(args.results, args.experiment, args.out, args.detokenizer, args.data_root)))
 
 
 def _version(args) -> None:
@@ -234,6 +236,11 @@ def _version(args) -> None:
         version.restore(args.repo, args.experiment, args.remote, args.snakemake_args or None)
 
 
+def default_detokenizer(model_dir: str) -> str:
+    """The experiment's detokenizer: results/<exp>/data/detokenizer, two folders above checkpoints/<stage>."""
+    return str(Path(model_dir).resolve().parent.parent / "data" / "detokenizer")
+
+
 def _infer(args) -> None:
     from fac.eval.infer import answer, speak
 
@@ -242,8 +249,7 @@ def _infer(args) -> None:
     result = answer(args.model, args.audio, mode=args.mode, max_new_tokens=args.max_new_tokens,
                     sample=args.sample, seed=args.seed)
     if args.speak:
-        result["wav"] = speak(result["speech_tokens"], args.speak, args.detokenizer or
-                              str(Path(args.model).resolve().parent.parent / "data" / "detokenizer"))
+        result["wav"] = speak(result["speech_tokens"], args.speak, args.detokenizer or default_detokenizer(args.model))
     if args.json:
         print(json.dumps(result))
     else:
@@ -252,6 +258,12 @@ def _infer(args) -> None:
             print("speech tokens:", " ".join(map(str, result["speech_tokens"])))
         if args.speak:
             print("spoken answer:", result["wav"])
+
+
+def _demo(args) -> None:
+    from fac.eval.demo import serve
+
+    serve(args.model, args.detokenizer or default_detokenizer(args.model), args.host, args.port, args.max_new_tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--speech-out", default='{"asr": {"engine": "pocketsphinx"}, "questions": 0}',
                     help='speech to speech: JSON {"asr": the ASR scorer params, "questions": per test set, 0 all}')
     ev.add_argument("--lm", help="speech to speech: the pocketsphinx LM folder (rule asr_lm)")
+    ev.add_argument("--examples", metavar="JSON", help="speech to speech: write the first answers heard of each test "
+                    "set (question, text, units, transcript) here, for the report to play")
     ev.set_defaults(func=_eval)
 
     met = sub.add_parser("metrics", help="collect per-stage metrics into metrics.json and a table")
@@ -340,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--results", default="results", help="the folder holding results/<experiment>/")
     rep.add_argument("--experiment", required=True)
     rep.add_argument("--out", required=True)
+    rep.add_argument("--detokenizer", help="the detokenizer that speaks the examples' answers (eval/examples/*.json)")
+    rep.add_argument("--data-root", help="the experiment's data folder (the examples' question and reference audio)")
     rep.set_defaults(func=_report)
 
     ver = sub.add_parser("version", help="save an experiment's outputs with DVC, or restore them",
@@ -362,6 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--detokenizer", help="the detokenizer folder (default: the experiment's data/detokenizer, "
                                              "two folders above --model)")
     infer.set_defaults(func=_infer)
+
+    demo = sub.add_parser("demo", help="a local page: ask a spoken question (upload or record), hear the answer")
+    demo.add_argument("--model", required=True, help="a DRSR checkpoint folder (e.g. results/<exp>/checkpoints/stage2)")
+    demo.add_argument("--detokenizer", help="the detokenizer folder (default: the experiment's data/detokenizer, "
+                                            "two folders above --model)")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    demo.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860; 0: any free one)")
+    demo.add_argument("--max-new-tokens", type=int, default=64, help="the longest answer, in tokens (default 64)")
+    demo.set_defaults(func=_demo)
 
     step("world", "build the knowledge base, documents and QA pairs", "--params", "--source", "--out")
     step("text-tokenizer", "train the BPE text tokenizer, or adopt a pretrained one", "--params", "--world?", "--out")

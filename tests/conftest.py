@@ -73,7 +73,8 @@ BUILT_DIGESTS = "micro_digests.json"  # in the micro_run folder: workflow_helper
 # both are built once. The heaviest groups go first, so that the other worker fills the time of the longest.
 # (xdist's own `xdist_group` markers are not used: xdist 3.8 writes the group into a node attribute that pytest 9
 # no longer reads.)
-MICRO_RUN_MODULES = ("tests/test_kill_matrix.py", "tests/test_readme.py", "tests/test_slurm.py", "tests/test_workflow.py")
+MICRO_RUN_MODULES = ("tests/test_demo.py", "tests/test_kill_matrix.py", "tests/test_readme.py",
+                     "tests/test_report_browser.py", "tests/test_slurm.py", "tests/test_workflow.py")
 HEAVIEST_FIRST = ("micro_run", "tests/test_paper_rehearsal.py")
 
 

@@ -124,6 +124,9 @@ SKIP = {
     ".venv/bin/dvc exp show -A --csv": "needs saved experiments; the versioning test reads this table",
     ".venv/bin/fac version restore --experiment default --remote store":
         "needs a remote holding the experiment; the versioning test restores the micro experiment in a fresh clone",
+    f".venv/bin/fac demo --model {STAGES}/stage2":
+        "serves until interrupted; tests/test_demo.py runs it on the micro experiment, and drives its page in headless "
+        "Chromium",
 }
 
 
