@@ -181,15 +181,15 @@ def test_requests_use_the_model_and_detokenizer_loaded_at_start(server, experime
     assert status == 200 and body["text"] == expected["text"], body
 
 
-def test_decode_wav_reads_bytes_as_read_wav_reads_the_file(tmp_path):
+def test_decode_audio_reads_bytes_as_read_wav_reads_the_file(tmp_path):
     from fac.data.audio import AudioError, read_wav
-    from fac.eval.infer import decode_wav
+    from fac.data.audio import decode_audio
 
     t = np.arange(44100) / 44100
     stereo = np.stack([0.5 * np.sin(2 * np.pi * 220 * t), 0.2 * np.sin(2 * np.pi * 330 * t)], axis=1)
     path = tmp_path / "stereo.wav"
     sf.write(path, stereo, 44100, subtype="PCM_16")
-    decoded = decode_wav(path.read_bytes(), "stereo.wav")
+    decoded = decode_audio(path.read_bytes(), "stereo.wav")
     assert decoded.dtype == np.float32 and decoded.shape == (16000,)  # mono, resampled to 16 kHz
     np.testing.assert_array_equal(decoded, read_wav(path))
     silent, broken = tmp_path / "silent.wav", tmp_path / "broken.wav"
@@ -199,7 +199,7 @@ def test_decode_wav_reads_bytes_as_read_wav_reads_the_file(tmp_path):
         with pytest.raises(AudioError) as from_file:
             read_wav(bad)
         with pytest.raises(AudioError) as from_bytes:
-            decode_wav(bad.read_bytes(), str(bad))
+            decode_audio(bad.read_bytes(), str(bad))
         # The same words, but where libsndfile names what it opened (the path, or a buffer).
         assert str(from_bytes.value).split(" (")[0] == str(from_file.value).split(" (")[0]
 

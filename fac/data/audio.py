@@ -75,6 +75,17 @@ def write_wav(path, samples, sample_rate: int = SAMPLE_RATE) -> None:
                                                        subtype="PCM_16", format="WAV"))
 
 
+def encode_wav(samples, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """Mono samples in [-1, 1] as the bytes of a 16-bit PCM wav (write_wav's format, in memory: an upload's answer,
+    a page's data URI)."""
+    samples = np.asarray(samples, dtype=np.float32)
+    if samples.ndim != 1 or not np.all(np.isfinite(samples)):
+        raise ValueError(f"samples of shape {samples.shape}: expected a 1-D mono array of finite values")
+    buffer = io.BytesIO()
+    sf.write(buffer, np.clip(samples, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+    return buffer.getvalue()
+
+
 def duration_seconds(path) -> float:
     """Length of an audio file in seconds, read from its header."""
     path = Path(path)

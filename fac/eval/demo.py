@@ -13,7 +13,7 @@ one form and one JSON endpoint.
   spoken answer (a `data:audio/wav;base64,...` URI).
 - `POST /answer`, body the question's audio bytes (a wav; flac and ogg read too): JSON `{"text", "speech_tokens"
   (the units), "audio" (base64 wav, null when the answer holds no speech unit), "sample_rate"}`. Audio that is
-  empty, unreadable or silent gets HTTP 400 and `{"error": "..."}` naming the problem (fac.eval.infer.decode_wav:
+  empty, unreadable or silent gets HTTP 400 and `{"error": "..."}` naming the problem (fac.data.audio.decode_audio:
   read_wav's checks on bytes); the page shows it in `#error`.
 
 The checkpoint and the detokenizer are loaded once, when the server starts (`DemoServer`), and questions are
@@ -32,8 +32,9 @@ import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from fac.data.audio import SAMPLE_RATE, AudioError
-from fac.eval.infer import Answerer, Speaker, decode_wav, encode_wav
+from fac.data.audio import SAMPLE_RATE, AudioError, decode_audio, encode_wav
+from fac.data.detokenizer import load_detokenizer
+from fac.eval.infer import Answerer
 
 log = logging.getLogger("fac.demo")
 
@@ -57,7 +58,7 @@ class DemoServer:
         self.httpd.demo = self
         try:
             self.answerer = Answerer(model_dir)
-            self.speaker = Speaker(detokenizer_dir)
+            self.speaker = load_detokenizer(detokenizer_dir)
         except BaseException:
             self.httpd.server_close()
             raise
@@ -80,7 +81,7 @@ class DemoServer:
 
     def respond(self, data: bytes, name: str = "the question") -> dict:
         """POST /answer's JSON for the question's audio bytes; an AudioError (HTTP 400) for bad audio."""
-        samples = decode_wav(data, name)
+        samples = decode_audio(data, name)
         with self._lock:
             start = time.perf_counter()
             result = self.answerer.answer(samples, mode="s2m", max_new_tokens=self.max_new_tokens)

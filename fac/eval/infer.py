@@ -1,21 +1,18 @@
 """`fac infer`: answer one spoken question from a wav file with a DRSR checkpoint (text, and speech tokens), and
 speak the answer's speech tokens through a detokenizer.
 
-The loaded objects can be kept: `Answerer` holds a checkpoint with its tokenizer and answers clip after clip, and
-`Speaker` holds a detokenizer, so that `fac demo` (fac.eval.demo) loads each once and answers every request with
-them; `answer` and `speak` load them for one call, as `fac infer` does. `decode_wav` reads a clip from bytes (an
-upload) with the checks `fac.data.audio.read_wav` makes of a file, and `encode_wav` writes one to bytes.
+The loaded checkpoint can be kept: `Answerer` holds it with its tokenizer and answers clip after clip, so that
+`fac demo` (fac.eval.demo) loads it once (and its detokenizer) and answers every request with them; `answer` and
+`speak` load them for one call, as `fac infer` does.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 
-from fac.data.audio import SAMPLE_RATE, decode_audio, read_wav
+from fac.data.audio import SAMPLE_RATE, read_wav
 from fac.data.text_tokenizer import SYSTEM_PROMPTS
 from fac.model import load_checkpoint
 from fac.model.processing import SpecialIds, build_prompt, log_mel
@@ -37,7 +34,7 @@ class Answerer:
 
     def answer(self, samples: np.ndarray, mode: str = "s2t", max_new_tokens: int = 32, sample: bool = False,
                seed: int = 0) -> dict:
-        """The answer to one question, `samples` at 16 kHz mono (read_wav's or decode_wav's): its text, text ids
+        """The answer to one question, `samples` at 16 kHz mono (fac.data.audio.read_wav's or decode_audio's): its text, text ids
         and (mode s2m) the speech tokens, the speech codes below the speech bos."""
         config = self.model.config
         features, mask = log_mel(samples, n_mels=config.audio_config.num_mel_bins)
@@ -61,44 +58,15 @@ def answer(model_dir: str, audio_path: str, mode: str = "s2t", max_new_tokens: i
     return Answerer(model_dir).answer(samples, mode=mode, max_new_tokens=max_new_tokens, sample=sample, seed=seed)
 
 
-class Speaker:
-    """A detokenizer (fac.data.detokenizer), loaded once: `synthesize(units)` -> samples at `sample_rate`."""
-
-    def __init__(self, detokenizer_dir: str):
-        from fac.data.detokenizer import load_detokenizer
-
-        self.detokenizer_dir = str(detokenizer_dir)
-        self.detokenizer = load_detokenizer(detokenizer_dir)
-        self.sample_rate = int(self.detokenizer.sample_rate)
-
-    def synthesize(self, units: list[int]) -> np.ndarray:
-        """The spoken answer; no samples when `units` holds no speech unit."""
-        return self.detokenizer.synthesize(units)
-
-
 def speak(units: list[int], out_path: str, detokenizer_dir: str) -> str:
     """The spoken answer: `units` through the detokenizer (fac.data.detokenizer), written to `out_path`."""
     from fac.data.audio import write_wav
 
-    speaker = Speaker(detokenizer_dir)
-    samples = speaker.synthesize(units)
+    from fac.data.detokenizer import load_detokenizer
+
+    detokenizer = load_detokenizer(detokenizer_dir)
+    samples = detokenizer.synthesize(units)
     if not len(samples):
         raise ValueError(f"the answer has no speech units to speak (write {out_path}); expected --mode s2m output")
-    write_wav(out_path, samples, speaker.sample_rate)
+    write_wav(out_path, samples, detokenizer.sample_rate)
     return out_path
-
-
-def decode_wav(data: bytes, name: str = "the audio") -> np.ndarray:
-    """fac.data.audio.read_wav on bytes (an upload): float32 mono at 16 kHz (downmixed, resampled), refusing an
-    empty, unreadable, sample-less or silent clip with an AudioError whose message starts with `name`."""
-    return decode_audio(data, name)
-
-
-def encode_wav(samples, sample_rate: int = SAMPLE_RATE) -> bytes:
-    """Mono samples in [-1, 1] as the bytes of a 16-bit PCM wav (fac.data.audio.write_wav's format, in memory)."""
-    samples = np.asarray(samples, dtype=np.float32)
-    if samples.ndim != 1 or not np.all(np.isfinite(samples)):
-        raise ValueError(f"samples of shape {samples.shape}: expected a 1-D mono array of finite values")
-    buffer = io.BytesIO()
-    sf.write(buffer, np.clip(samples, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
-    return buffer.getvalue()

@@ -109,13 +109,9 @@ def comparison_figure(experiments: dict[str, dict], metric: str) -> str | None:
 
 
 def _wav_uri(samples, sample_rate: int) -> str:
-    import numpy as np
-    import soundfile as sf
+    from fac.data.audio import encode_wav
 
-    buffer = io.BytesIO()
-    sf.write(buffer, np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16",
-             format="WAV")
-    return "data:audio/wav;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return "data:audio/wav;base64," + base64.b64encode(encode_wav(samples, sample_rate)).decode()
 
 
 def _audio(samples, sample_rate: int, label: str) -> str:
@@ -144,7 +140,7 @@ def spoken_examples(exp_dir: Path, detokenizer_dir: str | Path, data_root: str |
     eval/examples/<stage>.json (fac eval --examples), their answers spoken again by the detokenizer (seeded: the
     audio the ASR scorer heard). Empty when no stage has examples."""
     from fac.data.audio import read_wav
-    from fac.data.detokenizer import FRAMES_PER_UNIT, load_detokenizer, log_mel
+    from fac.data.detokenizer import FRAMES_PER_UNIT, HOP_LENGTH, load_detokenizer, log_mel
 
     by_stage = {}
     for stage in STAGE_ORDER:
@@ -157,7 +153,6 @@ def spoken_examples(exp_dir: Path, detokenizer_dir: str | Path, data_root: str |
         return []
     detokenizer = load_detokenizer(detokenizer_dir)
     rate, data_root = detokenizer.sample_rate, Path(data_root)
-    hop = rate // detokenizer.config["unit_rate"] // FRAMES_PER_UNIT
     questions: list[tuple[str, str]] = []
     for examples in by_stage.values():
         for key in examples:
@@ -177,7 +172,7 @@ def spoken_examples(exp_dir: Path, detokenizer_dir: str | Path, data_root: str |
         if first.get("reference_audio"):
             reference = read_wav(data_root / first["reference_audio"])
             parts.append(_audio(reference, rate, "reference answer"))
-            mels["reference"] = log_mel(reference, max(1, len(reference) // (hop * FRAMES_PER_UNIT)))
+            mels["reference"] = log_mel(reference, max(1, len(reference) // (HOP_LENGTH * FRAMES_PER_UNIT)))
         parts.append("</p>")
         rows = []
         for stage, examples in by_stage.items():
@@ -187,7 +182,7 @@ def spoken_examples(exp_dir: Path, detokenizer_dir: str | Path, data_root: str |
             samples = detokenizer.synthesize(example["units"])
             spoken = _audio(samples, rate, f"{stage} spoken answer") if len(samples) else "(no speech)"
             if len(samples):
-                mels[stage] = log_mel(samples, len(samples) // (hop * FRAMES_PER_UNIT))
+                mels[stage] = log_mel(samples, len(samples) // (HOP_LENGTH * FRAMES_PER_UNIT))
             rows.append(f"<tr><th>{stage}</th><td>{html.escape(example['text'])}</td>"
                         f"<td>{html.escape(example['heard'])}</td><td>{spoken}</td></tr>")
         parts.append("<table><tr><th>stage</th><th>text answer</th><th>heard</th><th>spoken answer</th></tr>"
