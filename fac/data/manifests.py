@@ -161,9 +161,9 @@ def spoken_units(speech_ids: list[int], audio_config) -> list[int]:
     return units
 
 
-def follows_style(units: int, styled_units: int, normal_units: int) -> bool:
-    """A spoken reply follows a speaking-style instruction when its length is nearer, in log ratio, to the
-    answer said in that style than to the answer said normally (an empty reply never does)."""
+def follows_style(units: float, styled_units: float, normal_units: float) -> bool:
+    """A spoken reply follows a speaking-style instruction when its length (in units, or in seconds) is nearer, in
+    log ratio, to the answer said in that style than to the answer said normally (an empty reply never does)."""
     if units <= 0 or styled_units <= 0 or normal_units <= 0:
         return False
     return abs(math.log(units / styled_units)) < abs(math.log(units / normal_units))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -181,8 +180,7 @@ def instruction_by_ear(records: list[SpokenRecord], generated: list[list[int]], 
                              "recording to compare its spoken answer with; expected the reply's ref_path, and the "
                              "same answer in spoken_qa_test")
         spoken, styled, plain = speech_seconds(clip, rate), seconds(rec.reply_ref_path), seconds(normal)
-        if spoken > 0 and styled > 0 and plain > 0:
-            follows += abs(math.log(spoken / styled)) < abs(math.log(spoken / plain))
+        follows += follows_style(spoken, styled, plain)  # the unit count's log-ratio rule, on seconds
         ratios.setdefault(rec.meta["style"], []).append(spoken / plain if plain > 0 else 0.0)
     metrics = {"instruction_acc": follows / len(records)}
     metrics.update({f"instruct_duration_ratio_{style}": sum(r) / len(r) for style, r in sorted(ratios.items())})
