@@ -259,3 +259,76 @@ def s3_tokenizer_onnx(path: str | Path, state_dict_file: str | Path) -> Path:
                                                                                            None)], [], initializers)
     onnx.save(helper.make_model(graph), str(path))
     return Path(path)
+
+
+TOKEN2WAV_RATE = 24000
+TOKEN2WAV_SAMPLES_PER_UNIT = 960  # 40 ms at 24 kHz, as CosyVoice 3's token2wav speaks a 25 Hz S3 code
+
+TOKEN2WAV_SCRIPT = '''"""Stand-in for a CosyVoice 3 token2wav script (fac.data.detokenizer.CommandDetokenizer's contract): reads the
+units JSON Lines and the speaker embedding, writes <id>.wav per line into the out folder: 960 samples per unit at
+24 kHz, a tone per unit whose pitch follows the unit (and the speaker), so the clip is not silent."""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+parser = argparse.ArgumentParser()
+for name in ("--units", "--speaker", "--out"):
+    parser.add_argument(name, required=True)
+parser.add_argument("--sample-rate", type=int, default=24000)
+parser.add_argument("--calls", help="append one line per run to this file (tests count the runs)")
+parser.add_argument("--skip", help="write no wav for this id")
+parser.add_argument("--fail", action="store_true", help="exit 3 after a message on stderr")
+args = parser.parse_args()
+if args.calls:
+    with open(args.calls, "a") as calls:
+        calls.write(args.units + "\\n")
+if args.fail:
+    raise SystemExit("token2wav stand-in: CUDA out of memory (asked to fail)")
+if args.speaker.endswith(".npy"):
+    speaker = np.load(args.speaker)
+else:
+    import torch
+
+    speaker = torch.load(args.speaker).numpy()
+shift = 20.0 * float(np.tanh(np.asarray(speaker, dtype=np.float64).mean()))
+t = np.arange(960) / 24000
+for line in Path(args.units).read_text().splitlines():
+    record = json.loads(line)
+    if record["id"] == args.skip:
+        continue
+    wave = np.concatenate([0.4 * np.sin(2 * np.pi * (150 + 10 * (u % 64) + shift) * t) for u in record["units"]])
+    sf.write(Path(args.out) / f"{record['id']}.wav", wave.astype(np.float32), args.sample_rate, subtype="PCM_16")
+'''
+
+
+def token2wav_command(folder: str | Path, extra: str = "") -> str:
+    """A stand-in token2wav (TOKEN2WAV_SCRIPT, written into `folder`) and the command template that runs it with
+    this interpreter: {units}, {speaker}, {out} and {sample_rate}, then `extra` flags (e.g. --calls FILE)."""
+    import shlex
+    import sys
+
+    script = Path(folder) / "token2wav_standin.py"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(TOKEN2WAV_SCRIPT)
+    return (f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} --units {{units}} --speaker {{speaker}} "
+            f"--out {{out}} --sample-rate {{sample_rate}} {extra}").strip()
+
+
+def speaker_embedding(path: str | Path, seed: int = 0) -> Path:
+    """A random 192-dim speaker embedding as CosyVoice's campplus gives one: a torch.save'd [1, 192] tensor (`.pt`)
+    or a numpy array (`.npy`)."""
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    vector = np.random.default_rng(seed).standard_normal((1, 192)).astype(np.float32)
+    if path.suffix == ".npy":
+        np.save(path, vector)
+    else:
+        import torch
+
+        torch.save(torch.from_numpy(vector), path)
+    return path

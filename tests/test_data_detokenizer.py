@@ -132,3 +132,105 @@ def test_the_learning_rate_warms_up_over_a_tenth_of_the_steps_then_falls_to_zero
     for steps in (1, 3, 10):
         _, losses = train_flow_detokenizer(examples, CODEBOOK, "low", dict(PARAMS, steps=steps))
         assert len(losses) == steps
+
+
+# ------------------------------------------------------------------ kind command: CosyVoice 3's token2wav, by template
+from standins import TOKEN2WAV_RATE, TOKEN2WAV_SAMPLES_PER_UNIT, speaker_embedding, token2wav_command  # noqa: E402
+
+
+def command_params(tmp_path, extra: str = "", **changes) -> dict:
+    params = {"kind": "command", "command": token2wav_command(tmp_path / "bin", extra),
+              "speaker": str(speaker_embedding(tmp_path / "voice.npy")), "sample_rate": TOKEN2WAV_RATE,
+              "codebook_size": 6561}
+    return {**params, **changes}
+
+
+@pytest.fixture
+def command_detokenizer(tmp_path):
+    from fac.data.detokenizer import write_command_detokenizer
+
+    calls = tmp_path / "calls.txt"
+    check = write_command_detokenizer(command_params(tmp_path, f"--calls {calls}"), tmp_path / "detok")
+    return load_detokenizer(tmp_path / "detok"), calls, check
+
+
+def test_a_command_detokenizer_speaks_a_batch_in_one_run_at_its_rate_dropping_ids_outside_the_codebook(
+        command_detokenizer, tmp_path):
+    from fac.data.detokenizer import CHECK_UNITS, CommandDetokenizer
+
+    detokenizer, calls, check = command_detokenizer
+    assert isinstance(detokenizer, CommandDetokenizer) and detokenizer.sample_rate == TOKEN2WAV_RATE
+    assert check["samples"] == len(CHECK_UNITS) * TOKEN2WAV_SAMPLES_PER_UNIT  # the folder was checked by one run
+    assert len(calls.read_text().splitlines()) == 1
+    # The folder is self-contained: its own copy of the speaker file, which the command is handed.
+    assert (tmp_path / "detok/speaker.npy").read_bytes() == (tmp_path / "voice.npy").read_bytes()
+    assert detokenizer.config["model_type"] == "fac_command_detokenizer"
+    batch = [[1, 2, 3], [6561, 6562, 6563], [], [7, 6561, 8, -1, 9, 10], [5] * 30]
+    waves = detokenizer.synthesize_batch(batch)
+    assert len(calls.read_text().splitlines()) == 2  # one run for the whole batch
+    assert [len(w) for w in waves] == [n * TOKEN2WAV_SAMPLES_PER_UNIT for n in (3, 0, 0, 4, 30)]
+    assert all(w.dtype == np.float32 for w in waves)
+    assert all(np.abs(w).max() > 0.1 for w in waves if len(w))
+    assert not np.array_equal(waves[0], waves[3][: len(waves[0])])  # the pitch follows the units
+    assert len(detokenizer.synthesize([4, 5])) == 2 * TOKEN2WAV_SAMPLES_PER_UNIT  # one answer: one more run
+    assert len(calls.read_text().splitlines()) == 3
+    assert [len(w) for w in detokenizer.synthesize_batch([[6561], []])] == [0, 0]  # nothing to say: no run
+    assert len(calls.read_text().splitlines()) == 3
+
+
+def test_a_flow_detokenizer_has_the_same_batch_method(trained):
+    detokenizer, _ = trained
+    waves = detokenizer.synthesize_batch([[0, 1], [CODEBOOK], [2, 3, 4]])
+    assert [len(w) for w in waves] == [2 * 640, 0, 3 * 640]
+    assert np.array_equal(waves[2], detokenizer.synthesize([2, 3, 4]))
+
+
+@pytest.mark.parametrize("template, message", [
+    ("token2wav {units} {out}", r"detokenizer.command 'token2wav \{units\} \{out\}': lacks \['speaker'\]"),
+    ("token2wav {units} {out} {speaker} {voice}", r"unknown placeholder\(s\) \['voice'\]"),
+    ("token2wav {units", r"not a template"),
+])
+def test_a_bad_template_is_refused_naming_the_key_and_what_is_expected(tmp_path, template, message):
+    from fac.data.detokenizer import write_command_detokenizer
+
+    with pytest.raises(ValueError, match=message):
+        write_command_detokenizer(command_params(tmp_path, command=template), tmp_path / "detok")
+    assert not (tmp_path / "detok").exists()
+
+
+def test_a_failing_command_names_itself_and_its_stderr_and_leaves_no_folder(tmp_path):
+    from fac.data.detokenizer import write_command_detokenizer
+
+    with pytest.raises(RuntimeError, match=r"(?s)detokenizer.command failed \(exit 1\): .*token2wav_standin.py.*"
+                                           r"CUDA out of memory"):
+        write_command_detokenizer(command_params(tmp_path, "--fail"), tmp_path / "detok")
+    assert not (tmp_path / "detok").exists()
+
+
+def test_a_missing_wav_or_a_wav_at_another_rate_is_named(command_detokenizer, tmp_path):
+    from fac.data.detokenizer import CommandDetokenizer
+
+    detokenizer, _, _ = command_detokenizer
+    skipping = CommandDetokenizer({**detokenizer.config, "command": detokenizer.config["command"] + " --skip answer00001"},
+                                  tmp_path / "detok/speaker.npy")
+    with pytest.raises(RuntimeError, match=r"detokenizer.command wrote no answer00001.wav \(expected one <id>.wav"):
+        skipping.synthesize_batch([[1], [2]])
+    wrong = CommandDetokenizer({**detokenizer.config, "command": detokenizer.config["command"] + " --sample-rate 16000"},
+                               tmp_path / "detok/speaker.npy")
+    with pytest.raises(RuntimeError, match=r"wrote answer00000.wav at 16000 Hz, but detokenizer.sample_rate is 24000"):
+        wrong.synthesize([1, 2])
+
+
+def test_a_missing_speaker_file_or_a_folder_of_another_model_is_named(command_detokenizer, tmp_path):
+    from fac.data.detokenizer import write_command_detokenizer
+
+    with pytest.raises(FileNotFoundError, match=r"detokenizer.speaker .*nobody.npy: no such file"):
+        write_command_detokenizer(command_params(tmp_path, speaker=str(tmp_path / "nobody.npy")), tmp_path / "d2")
+    (tmp_path / "detok/speaker.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"detok/speaker.npy: no such speaker file"):
+        load_detokenizer(tmp_path / "detok")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other/config.json").write_text('{"model_type": "fac_s3_speech_tokenizer"}')
+    with pytest.raises(ValueError, match=r"other/config.json: model_type 'fac_s3_speech_tokenizer' is not a "
+                                         r"detokenizer; expected 'fac_flow_detokenizer' or 'fac_command_detokenizer'"):
+        load_detokenizer(tmp_path / "other")

@@ -1,34 +1,44 @@
-"""Speech out: 25 Hz speech units -> a waveform in the assistant's voice.
+"""Speech out: 25 Hz speech units -> a waveform in the assistant's voice. One component, two kinds (params
+`detokenizer.kind`), one interface: `.sample_rate`, `.config`, `.synthesize(units)` and `.synthesize_batch(list of
+units)` -> float32 arrays at `sample_rate`; a detokenizer is a folder with its config, like every checkpoint
+(`load_detokenizer` dispatches on its `model_type`).
 
-The paper's detokenizer is CosyVoice 3's token2wav: flow matching from S3 codes to mel, then a vocoder. The tiny
-world's is the same in small: a conditional flow-matching network (`FlowNet`) turns the units, encoded with their
-neighbours and repeated to the mel frame rate (four 10 ms frames per 40 ms unit), into 80-bin log-mel frames in a
-few Euler steps from noise, and Griffin-Lim inverts the mel to 16 kHz audio (a learned vocoder has nothing to win:
-the clips' own mel through Griffin-Lim is heard by the ASR scorer as well as the clips themselves). Like
-CosyVoice's flow it is conditioned on the speaker; rule `detokenizer` (fac.data.steps.train_detokenizer) trains it
-on the assistant's voice alone, on its answer clips and on the training sentences spoken again in that voice, so
-that the units the model generates can be spoken.
+`flow` (`FlowDetokenizer`, the tiny world's): the paper's detokenizer is CosyVoice 3's token2wav, flow matching from
+S3 codes to mel, then a vocoder; this is the same in small: a conditional flow-matching network (`FlowNet`) turns the
+units, encoded with their neighbours and repeated to the mel frame rate (four 10 ms frames per 40 ms unit), into
+80-bin log-mel frames in a few Euler steps from noise, and Griffin-Lim inverts the mel to 16 kHz audio (a learned
+vocoder has nothing to win: the clips' own mel through Griffin-Lim is heard by the ASR scorer as well as the clips
+themselves). Like CosyVoice's flow it is conditioned on the speaker; rule `detokenizer` (fac.data.steps.
+train_detokenizer) trains it on the assistant's voice alone, on its answer clips and on the training sentences
+spoken again in that voice, so that the units the model generates can be spoken.
 
-One interface, `units -> wav` at `sample_rate` (`FlowDetokenizer.synthesize`); a detokenizer is a folder with its
-config, like every checkpoint (`load_detokenizer`).
+`command` (`CommandDetokenizer`, paper scale): CosyVoice 3's token2wav itself (S3 codes 0..6560 and a speaker
+embedding -> 24 kHz), or any other, run from a bash template once per batch of answers (loading it per answer
+would be slow); its folder (`write_command_detokenizer`, rule `detokenizer` of rules/imported.smk) holds the template,
+the rate, the codebook and a copy of the speaker file.
 """
 from __future__ import annotations
 
 import functools
 import json
 import math
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from fac import atomic
+from fac.data import templates
 from fac.data.audio import SAMPLE_RATE
 
 MODEL_TYPE = "fac_flow_detokenizer"
+COMMAND_MODEL_TYPE = "fac_command_detokenizer"
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 UNIT_RATE = 25  # units per second (the speech tokenizer's)
 N_MELS, N_FFT, WIN_LENGTH, HOP_LENGTH = 80, 1024, 640, 160  # 100 Hz frames of 40 ms windows
@@ -180,6 +190,11 @@ class FlowDetokenizer:
         units = [u for u in units if 0 <= u < self.config["codebook_size"]]
         return self.vocoder(self.mel(units, seed, voice)) if units else np.zeros(0, dtype=np.float32)
 
+    def synthesize_batch(self, units_per_answer: list[list[int]], seed: int = 0,
+                         voice: str | None = None) -> list[np.ndarray]:
+        """`synthesize` of each answer in turn (the interface CommandDetokenizer runs once per batch)."""
+        return [self.synthesize(units, seed, voice) for units in units_per_answer]
+
     def save(self, directory, extra: dict[str, str] | None = None) -> None:
         """The folder, whole or not at all (fac.atomic.folder): config, weights and `extra` files (name -> text)."""
         with atomic.folder(directory) as tmp:
@@ -205,17 +220,115 @@ def new_net(config: dict) -> FlowNet:
                    unit_layers=config["unit_layers"])
 
 
-def load_detokenizer(directory) -> FlowDetokenizer:
-    """A detokenizer folder written by `FlowDetokenizer.save`; a folder of anything else is named."""
-    directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for path in (config_path, weights_path):
+class CommandDetokenizer:
+    """kind `command`: an external units -> wav program (CosyVoice 3's token2wav: S3 codes and a speaker embedding ->
+    24 kHz) run through bash from `config['command']`, ONCE PER BATCH of answers. Placeholders (values shell-quoted):
+    `{units}` a JSON Lines file this class writes, one `{"id": "...", "units": [...]}` per answer; `{out}` an empty
+    folder where the command writes `<id>.wav` for every line; `{speaker}` the speaker file (the folder's copy);
+    optionally `{sample_rate}`. Each wav must be at `config['sample_rate']` (its header is checked). Ids outside
+    0..codebook_size-1 (bos, eos, pad) are dropped; an answer left with no unit gives no samples and is not sent."""
+
+    KEY, FIELDS, REQUIRED = templates.DETOKENIZER_COMMAND
+
+    def __init__(self, config: dict, speaker_path):
+        self.config = config
+        self.template = self.check_template(config["command"])
+        self.sample_rate = int(config["sample_rate"])
+        self.codebook_size = int(config["codebook_size"])
+        self.speaker = Path(speaker_path).resolve()
+        if not self.speaker.is_file():
+            raise FileNotFoundError(f"{self.speaker}: no such speaker file; expected the speaker embedding the "
+                                    f"command reads ({{speaker}})")
+
+    @classmethod
+    def check_template(cls, template: str) -> str:
+        """The template when its placeholders are {units}, {out}, {speaker} and optionally {sample_rate}; else a
+        ValueError naming detokenizer.command and what is wrong."""
+        return templates.check_template(template, cls.KEY, cls.FIELDS, cls.REQUIRED)
+
+    def synthesize(self, units: list[int]) -> np.ndarray:
+        """One answer's waveform (float32 at `sample_rate`); no unit: no samples (the command is not run)."""
+        return self.synthesize_batch([units])[0]
+
+    def synthesize_batch(self, units_per_answer: list[list[int]]) -> list[np.ndarray]:
+        """Every answer's waveform, in order, from one run of the command (none when no answer has a unit)."""
+        kept = [[int(u) for u in units if 0 <= int(u) < self.codebook_size] for units in units_per_answer]
+        out = [np.zeros(0, dtype=np.float32) for _ in kept]
+        asked = [i for i, units in enumerate(kept) if units]
+        if not asked:
+            return out
+        with tempfile.TemporaryDirectory(prefix="fac-detokenizer-") as folder:
+            units_file, wav_dir = Path(folder) / "units.jsonl", Path(folder) / "wavs"
+            wav_dir.mkdir()
+            ids = {i: f"answer{i:05d}" for i in asked}
+            units_file.write_text("".join(json.dumps({"id": ids[i], "units": kept[i]}) + "\n" for i in asked))
+            command = templates.fill(self.template, {"units": units_file, "out": wav_dir, "speaker": self.speaker,
+                                                     "sample_rate": self.sample_rate})
+            result = templates.run(command, self.KEY)
+            for i in asked:
+                out[i] = self._read(wav_dir / f"{ids[i]}.wav", command, result.stderr)
+        return out
+
+    def _read(self, path: Path, command: str, stderr: str) -> np.ndarray:
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; expected a detokenizer folder ({CONFIG_NAME}, {WEIGHTS_NAME})")
+            raise RuntimeError(f"{self.KEY} wrote no {path.name} (expected one <id>.wav in {{out}} for every line of "
+                               f"{{units}}): {command}\n{stderr.strip()[-2000:]}")
+        try:
+            samples, rate = sf.read(path, dtype="float32", always_2d=True)
+        except (sf.SoundFileError, RuntimeError) as error:
+            raise RuntimeError(f"{self.KEY} wrote {path.name}, which is not a readable wav ({error}): {command}") from error
+        if rate != self.sample_rate:
+            raise RuntimeError(f"{self.KEY} wrote {path.name} at {rate} Hz, but detokenizer.sample_rate is "
+                               f"{self.sample_rate} Hz: {command}")
+        mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+        return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+CHECK_UNITS = list(range(25))  # one second of codes: what write_command_detokenizer speaks once to check the command
+
+
+def write_command_detokenizer(params: dict, out_dir) -> dict:
+    """The folder of kind `command` from the params section (`command`, `speaker`, `sample_rate`, `codebook_size`):
+    config.json and a copy of the speaker file (the folder is self-contained), checked by speaking CHECK_UNITS once
+    (a broken install or a wrong rate stops here, not after training); whole or not at all. Returns the check."""
+    CommandDetokenizer.check_template(params["command"])
+    source = Path(params["speaker"])
+    if not source.is_file():
+        raise FileNotFoundError(f"detokenizer.speaker {source}: no such file; expected the speaker embedding the "
+                                "command reads (e.g. CosyVoice's 192-dim campplus embedding, .pt or .npy)")
+    speaker_name = "speaker" + "".join(source.suffixes)
+    config = {"model_type": COMMAND_MODEL_TYPE, "command": params["command"], "sample_rate": int(params["sample_rate"]),
+              "codebook_size": int(params["codebook_size"]), "unit_rate": UNIT_RATE, "speaker": speaker_name}
+    with atomic.folder(out_dir) as tmp:
+        shutil.copyfile(source, tmp / speaker_name)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        samples = CommandDetokenizer(config, tmp / speaker_name).synthesize(CHECK_UNITS)
+        check = {"units": len(CHECK_UNITS), "samples": len(samples), "seconds": len(samples) / config["sample_rate"],
+                 "peak": float(np.abs(samples).max()) if len(samples) else 0.0}
+        if not len(samples):
+            raise RuntimeError(f"{CommandDetokenizer.KEY} wrote a wav without samples for {len(CHECK_UNITS)} units "
+                               f"({params['command']}); expected speech")
+        (tmp / "check.json").write_text(json.dumps(check, indent=2) + "\n")
+    return check
+
+
+def load_detokenizer(directory) -> FlowDetokenizer | CommandDetokenizer:
+    """A detokenizer folder: `FlowDetokenizer.save`'s (model_type fac_flow_detokenizer) or
+    `write_command_detokenizer`'s (fac_command_detokenizer); a folder of anything else is named."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: missing; expected a detokenizer folder ({CONFIG_NAME}, then "
+                                f"{WEIGHTS_NAME} or the speaker file)")
     config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("model_type") == COMMAND_MODEL_TYPE:
+        return CommandDetokenizer(config, directory / config["speaker"])
     if config.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{config_path}: model_type {config.get('model_type')!r} is not a detokenizer; "
-                         f"expected {MODEL_TYPE!r}")
+                         f"expected {MODEL_TYPE!r} or {COMMAND_MODEL_TYPE!r}")
+    weights_path = directory / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path}: missing; expected a detokenizer folder ({CONFIG_NAME}, {WEIGHTS_NAME})")
     net = new_net(config)
     net.load_state_dict(load_file(str(weights_path)))
     return FlowDetokenizer(net, config)
