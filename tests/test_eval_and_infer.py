@@ -234,3 +234,59 @@ def test_instruction_by_ear_judges_the_spoken_answers_duration_against_both_reco
     assert metrics["instruct_duration_ratio_slowly"] == pytest.approx((1.5 + 1.1 + 1.3 + 0.0) / 4, abs=0.01)
     with pytest.raises(ValueError, match=r"q9 \(answer 'oslo'\) has no normal recording"):
         instruction_by_ear([record(9, "oslo", "slow.wav")], [[0]], data, speech_out)
+
+
+def test_speech_out_hands_the_scorer_16_khz_audio_when_the_detokenizer_speaks_24_khz(tmp_path, monkeypatch):
+    """CosyVoice 3's token2wav speaks 24 kHz; the ASR scorers hear 16 kHz: SpeechOut.hear resamples, in one batch
+    (the command runs once), and an answer with no unit is heard as "" without reaching the scorer."""
+    import numpy as np
+
+    import fac.data.asr
+    from fac.data.audio import SAMPLE_RATE
+    from fac.data.detokenizer import write_command_detokenizer
+    from fac.eval.metrics import SpeechOut
+    from standins import TOKEN2WAV_RATE, TOKEN2WAV_SAMPLES_PER_UNIT, speaker_embedding, token2wav_command
+
+    calls = tmp_path / "calls.txt"
+    write_command_detokenizer({"command": token2wav_command(tmp_path, f"--calls {calls}"), "sample_rate": TOKEN2WAV_RATE,
+                               "speaker": str(speaker_embedding(tmp_path / "voice.pt")), "codebook_size": 6561},
+                              tmp_path / "detok")
+
+    class FakeScorer:
+        def __init__(self):
+            self.heard = []
+
+        def transcribe_batch(self, clips):
+            self.heard.append([np.asarray(c) for c in clips])
+            return [f"clip {i}" for i in range(len(clips))]
+
+    scorer = FakeScorer()
+    monkeypatch.setattr(fac.data.asr, "recognizer", lambda params, lm_dir: scorer)
+    speech_out = SpeechOut(str(tmp_path / "detok"), {"engine": "whisper", "model": "unused"}, None, 0)
+    assert speech_out.detokenizer.sample_rate == TOKEN2WAV_RATE
+    units = [[5] * 10, [], [9] * 5 + [6562]]
+    assert speech_out.hear(units) == ["clip 0", "", "clip 1"]
+    assert len(calls.read_text().splitlines()) == 2  # the folder's check, then one run for the batch
+    assert len(scorer.heard) == 1
+    heard = scorer.heard[0]
+    per_unit_at_16k = TOKEN2WAV_SAMPLES_PER_UNIT * SAMPLE_RATE // TOKEN2WAV_RATE  # 640: 40 ms at 16 kHz
+    assert [len(c) for c in heard] == [10 * per_unit_at_16k, 5 * per_unit_at_16k]
+    spoken = speech_out.speak(units)[0]  # at 24 kHz: the same tone, the same pitch, 1.5 times the samples
+    assert len(spoken) == 10 * TOKEN2WAV_SAMPLES_PER_UNIT
+
+    def pitch(clip, rate):
+        spectrum = np.abs(np.fft.rfft(clip))
+        return np.argmax(spectrum) * rate / len(clip)
+
+    assert abs(pitch(heard[0], SAMPLE_RATE) - pitch(spoken, TOKEN2WAV_RATE)) < 3.0
+    assert 0.3 < np.abs(heard[0]).max() < 0.5
+
+
+def test_answer_match_looks_for_meta_answer_else_the_reference_replys_text():
+    from types import SimpleNamespace
+
+    from fac.eval.metrics import reference_answer
+
+    assert reference_answer(SimpleNamespace(meta={"answer": "paris"}, text="it is paris")) == "paris"
+    assert reference_answer(SimpleNamespace(meta={}, text="it is paris")) == "it is paris"
+    assert reference_answer(SimpleNamespace(meta={}, text=None)) == ""

@@ -48,17 +48,23 @@ def _decode(source, name: str) -> np.ndarray:
         raise AudioError(f"{name}: holds 0 samples; expected a clip of speech")
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     if sample_rate != SAMPLE_RATE:
-        # torch is imported only where a clip needs resampling: the workflow imports this module (through the
-        # voice check) while it parses, and loading torch there would cost every `snakemake -n` ~2 s and ~700 MB.
-        import torch
-        import torchaudio.functional
-
-        mono = torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(mono)), sample_rate,
-                                              SAMPLE_RATE).numpy()
+        mono = resample(mono, sample_rate, SAMPLE_RATE)
     peak = float(np.max(np.abs(mono)))
     if peak < SILENCE_PEAK:
         raise AudioError(f"{name}: is silent (peak {peak:.2e} < {SILENCE_PEAK:.0e}); expected a clip of speech")
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def resample(samples, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
+    """float32 mono samples at `rate` -> at `target` (torchaudio's band-limited resampling; e.g. a 24 kHz
+    detokenizer's speech for a 16 kHz ASR scorer)."""
+    # torch is imported only where a clip needs resampling: the workflow imports this module (through the voice
+    # check) while it parses, and loading torch there would cost every `snakemake -n` ~2 s and ~700 MB.
+    import torch
+    import torchaudio.functional
+
+    wave = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
+    return torchaudio.functional.resample(wave, int(rate), int(target)).numpy()
 
 
 def write_wav(path, samples, sample_rate: int = SAMPLE_RATE) -> None:

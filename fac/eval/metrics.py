@@ -14,7 +14,9 @@ model's own text answer: does the speech say what the text says, the paper's ASR
 
 Without a world (data source manifests: the user's own data), `evaluate_sets` scores the named evaluation
 manifests with what they allow: answer match on the reference reply's text, speech-token accuracy on spoken
-references, and for a plain LLM answer match on the clips' transcripts; it lists the world's metrics it skipped.
+references, with a detokenizer and an ASR scorer speech to speech on the spoken references (CosyVoice 3's token2wav
+speaks at 24 kHz: resampled to the scorer's 16 kHz), and for a plain LLM answer match on the clips' transcripts; it
+lists the world's metrics it skipped.
 """
 from __future__ import annotations
 
@@ -208,9 +210,10 @@ def speech_token_accuracy(model, data: SpokenData, name: str, batch_size: int = 
 
 class SpeechOut:
     """What speech-to-speech evaluation hears the answers with: a detokenizer folder (fac.data.detokenizer: units ->
-    wav) and an ASR scorer (the `asr` params section, the LM folder for pocketsphinx); `questions` per test set (the
-    first ones, 0: all). `examples` collects the first `EXAMPLES` answers of each set heard (speech_to_speech), for
-    the report to play."""
+    wav at its own rate, the tiny world's 16 kHz or CosyVoice 3's 24 kHz) and an ASR scorer (the `asr` params
+    section, the LM folder for pocketsphinx), which hears 16 kHz (fac.data.audio.SAMPLE_RATE); `questions` per test
+    set (the first ones, 0: all). `examples` collects the first `EXAMPLES` answers of each set heard
+    (speech_to_speech), for the report to play."""
 
     EXAMPLES = 3
 
@@ -224,42 +227,62 @@ class SpeechOut:
         self.examples: list[dict] = []
 
     def speak(self, units_per_answer: list[list[int]]) -> list:
-        """Each answer's units spoken by the detokenizer (float32 at its sample rate; no samples for no unit)."""
-        return [self.detokenizer.synthesize(units) for units in units_per_answer]
+        """Each answer's units spoken by the detokenizer, in one batch (float32 at the detokenizer's sample rate; no
+        samples for no unit)."""
+        return self.detokenizer.synthesize_batch(units_per_answer)
 
     def hear(self, units_per_answer: list[list[int]]) -> list[str]:
-        """The scorer's transcript of each answer spoken by the detokenizer ("" for an answer with no unit)."""
+        """The scorer's transcript of each answer spoken by the detokenizer, resampled to the scorer's 16 kHz when
+        the detokenizer speaks at another rate ("" for an answer with no unit)."""
+        from fac.data.audio import SAMPLE_RATE, resample
+
         clips = self.speak(units_per_answer)
         spoken = [i for i, clip in enumerate(clips) if len(clip)]
-        heard = dict(zip(spoken, self.scorer.transcribe_batch([clips[i] for i in spoken]) if spoken else []))
+        rate = self.detokenizer.sample_rate
+        heard_clips = [clips[i] if rate == SAMPLE_RATE else resample(clips[i], rate, SAMPLE_RATE) for i in spoken]
+        heard = dict(zip(spoken, self.scorer.transcribe_batch(heard_clips) if spoken else []))
         return [heard.get(i, "") for i in range(len(clips))]
+
+
+def reference_answer(rec) -> str:
+    """What answer match looks for: the record's `meta.answer` (the world's value; your data's where it gives one),
+    else the reference reply's text."""
+    return str(rec.meta.get("answer") or rec.text or "")
 
 
 @torch.no_grad()
 def speech_to_speech(model, data: SpokenData, name: str, tokenizer, speech_out: SpeechOut,
                      batch_size: int = 16) -> dict:
-    """Spoken questions of manifest `name` answered in text and speech (s2m, greedy), the speech spoken and heard
-    (`speech_out`): `s2s_acc`, the share whose transcript holds the answer's value (answer match); `answer_wer`, the
-    mean WER of the transcript against the model's own text answer (1.0 where the text answer is empty); and
-    `s2s_questions`, how many were asked."""
+    """Spoken questions of manifest `name` with a spoken reference reply answered in text and speech (s2m, greedy),
+    the first `speech_out.questions` of them, the speech spoken and heard (`speech_out`): `s2s_acc`, the share of
+    those with a reference answer (`reference_answer`) whose transcript holds it (answer match; None when none has
+    one); `answer_wer`, the mean WER of the transcript against the model's own text answer (1.0 where the text
+    answer is empty); and `s2s_questions`, how many were asked (0, and nothing else, when the set has no spoken
+    reference)."""
     from fac.data.asr import word_error_rate
 
     model.eval()
     audio_cfg = model.config.audio_config
-    records = data.records[name][: speech_out.questions or None]
+    records = [rec for rec in data.records[name] if rec.codes is not None][: speech_out.questions or None]
+    if not records:
+        return {"s2s_questions": 0}
     budgets = [spoken_reply_budget(len(rec.codes), audio_cfg.group_size) for rec in records]
     said = answers(model, data, records, f"speech to speech {name}", "s2m", budgets, batch_size)
     units = [spoken_units(speech, audio_cfg) for _, speech in said]
     heard = speech_out.hear(units)
     texts = [tokenizer.decode(text, skip_special_tokens=True).strip() for text, _ in said]
-    for rec, text, spoken, transcript in list(zip(records, texts, units, heard))[: speech_out.EXAMPLES]:
+    references = [reference_answer(rec) for rec in records]
+    for rec, text, spoken, transcript, reference in list(zip(records, texts, units, heard, references))[
+            : speech_out.EXAMPLES]:
         speech_out.examples.append({"set": name, "id": rec.meta.get("id"), "question_audio": rec.user_path,
-                                    "question": text_form(rec), "answer": rec.meta["answer"], "text": text,
+                                    "question": text_form(rec), "answer": reference, "text": text,
                                     "units": [int(u) for u in spoken], "heard": transcript,
                                     "reference_audio": rec.reply_ref_path})
-    matched = sum(answer_matches(rec.meta["answer"], transcript) for rec, transcript in zip(records, heard))
+    answered = [(reference, transcript) for reference, transcript in zip(references, heard) if normalise(reference)]
+    matched = sum(answer_matches(reference, transcript) for reference, transcript in answered)
     rates = [word_error_rate(text, transcript) if normalise(text) else 1.0 for text, transcript in zip(texts, heard)]
-    return {"s2s_acc": matched / len(records), "answer_wer": sum(rates) / len(rates), "s2s_questions": len(records)}
+    return {"s2s_acc": matched / len(answered) if answered else None, "answer_wer": sum(rates) / len(rates),
+            "s2s_questions": len(records)}
 
 
 def normalise(text: str) -> str:
@@ -332,12 +355,13 @@ WORLD_ONLY_METRICS = ["spoken_qa_acc", "spoken_qa_acc_unseen_voices", "text_qa_a
 
 
 def evaluate_sets(stage: str, model_dir: str, manifest_dir: str, data_root: str, sets: list[str],
-                  placement: Placement = CPU, batch_size: int = 16) -> dict:
+                  placement: Placement = CPU, batch_size: int = 16, speech_out: SpeechOut | None = None) -> dict:
     """Source manifests: what can be scored without the world, per evaluation set: `answer_match_<set>` (the
     reference reply's text in the model's answer), `speech_token_acc_<set>` (teacher-forced SRH accuracy on the
-    spoken references), and for a plain LLM `text_answer_match_<set>` (asked the clips' transcripts). `skipped`
-    lists what the world's evaluation has and these sets cannot give. The model runs on `placement` (see
-    `evaluate`)."""
+    spoken references), with `speech_out` (a detokenizer and an ASR scorer) speech to speech on the records with a
+    spoken reference (`s2s_acc_<set>`, `answer_wer_<set>`, `s2s_questions_<set>`: `speech_to_speech`), and for a
+    plain LLM `text_answer_match_<set>` (asked the clips' transcripts). `skipped` lists what the world's evaluation
+    has and these sets cannot give. The model runs on `placement` (see `evaluate`)."""
     tokenizer = load_tokenizer(model_dir)
     config = json.loads((Path(model_dir) / "config.json").read_text())
     skipped = list(WORLD_ONLY_METRICS)
@@ -367,6 +391,16 @@ def evaluate_sets(stage: str, model_dir: str, manifest_dir: str, data_root: str,
                     metrics[f"speech_token_acc_{name}"] = speech_token_accuracy(model, data, name)
             else:
                 skipped.append(f"speech_token_acc_{name} (no spoken references)")
+            if speech_out is None:
+                continue
+            if not spoken:
+                skipped.append(f"s2s_acc_{name}, answer_wer_{name} (no spoken references)")
+                continue
+            with placement.autocast():
+                scored = speech_to_speech(model, data, name, tokenizer, speech_out, batch_size)
+            if scored["s2s_acc"] is None:
+                skipped.append(f"s2s_acc_{name} (no reference answer: meta.answer or the reply's text)")
+            metrics.update({f"{key}_{name}": value for key, value in scored.items() if value is not None})
     metrics.update(efficiency(model_dir))
     metrics["skipped"] = skipped
     log.info("%s: %s (skipped: %s)", stage, {k: v for k, v in metrics.items() if k != "skipped"}, ", ".join(skipped))
@@ -391,7 +425,7 @@ def evaluate(stage: str, model_dir: str, world_dir: str | None, manifest_dir: st
     The model runs on `placement` (fac.devices.resolve; `fac eval --gpus --precision`): moved to its device, its
     inputs too, generation and forward passes under autocast in its dtype on GPU; CPU fp32 by default."""
     if not world_dir:
-        return evaluate_sets(stage, model_dir, manifest_dir, data_root, sets or [], placement, batch_size)
+        return evaluate_sets(stage, model_dir, manifest_dir, data_root, sets or [], placement, batch_size, speech_out)
     tokenizer = load_tokenizer(model_dir)
     config = json.loads((Path(model_dir) / "config.json").read_text())
     if config.get("model_type") != "funaudiochat":

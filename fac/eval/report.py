@@ -138,8 +138,10 @@ def mel_figure(mels: dict[str, object]) -> str:
 def spoken_examples(exp_dir: Path, detokenizer_dir: str | Path, data_root: str | Path) -> list[str]:
     """The "Spoken answers" section: the first QUESTIONS_PER_SET questions of each test set in the stages'
     eval/examples/<stage>.json (fac eval --examples), their answers spoken again by the detokenizer (seeded: the
-    audio the ASR scorer heard). Empty when no stage has examples."""
-    from fac.data.audio import read_wav
+    audio the ASR scorer heard), all in one batch (a command detokenizer runs once), at the detokenizer's rate
+    beside the 16 kHz question and reference recordings; the mels are of 16 kHz audio (a 24 kHz answer resampled).
+    Empty when no stage has examples."""
+    from fac.data.audio import SAMPLE_RATE, read_wav, resample
     from fac.data.detokenizer import FRAMES_PER_UNIT, HOP_LENGTH, load_detokenizer, log_mel
 
     by_stage = {}
@@ -158,6 +160,8 @@ def spoken_examples(exp_dir: Path, detokenizer_dir: str | Path, data_root: str |
         for key in examples:
             if key not in questions and sum(k[0] == key[0] for k in questions) < QUESTIONS_PER_SET:
                 questions.append(key)
+    asked = [(stage, key) for key in questions for stage, examples in by_stage.items() if key in examples]
+    speech = dict(zip(asked, detokenizer.synthesize_batch([by_stage[stage][key]["units"] for stage, key in asked])))
     parts = ["<h2>Spoken answers</h2>",
              "<p>Test questions answered in text and speech at each stage: the speech spoken by the experiment's "
              "detokenizer, as the ASR scorer heard it (s2s_acc, answer_wer), beside the reference answer's "
@@ -166,12 +170,12 @@ def spoken_examples(exp_dir: Path, detokenizer_dir: str | Path, data_root: str |
         first = next(examples[key] for examples in by_stage.values() if key in examples)
         question = read_wav(data_root / first["question_audio"])
         parts.append(f"<h3>{html.escape(key[0])}: {html.escape(first['question'] or key[1])}</h3>")
-        parts.append(f"<p>question {_audio(question, rate, 'question')} reference answer "
+        parts.append(f"<p>question {_audio(question, SAMPLE_RATE, 'question')} reference answer "
                      f"<b>{html.escape(first['answer'])}</b>")
         mels = {}
         if first.get("reference_audio"):
             reference = read_wav(data_root / first["reference_audio"])
-            parts.append(_audio(reference, rate, "reference answer"))
+            parts.append(_audio(reference, SAMPLE_RATE, "reference answer"))
             mels["reference"] = log_mel(reference, max(1, len(reference) // (HOP_LENGTH * FRAMES_PER_UNIT)))
         parts.append("</p>")
         rows = []
@@ -179,10 +183,11 @@ def spoken_examples(exp_dir: Path, detokenizer_dir: str | Path, data_root: str |
             example = examples.get(key)
             if example is None:
                 continue
-            samples = detokenizer.synthesize(example["units"])
+            samples = speech[(stage, key)]
             spoken = _audio(samples, rate, f"{stage} spoken answer") if len(samples) else "(no speech)"
             if len(samples):
-                mels[stage] = log_mel(samples, len(samples) // (HOP_LENGTH * FRAMES_PER_UNIT))
+                heard = samples if rate == SAMPLE_RATE else resample(samples, rate, SAMPLE_RATE)
+                mels[stage] = log_mel(heard, max(1, len(heard) // (HOP_LENGTH * FRAMES_PER_UNIT)))
             rows.append(f"<tr><th>{stage}</th><td>{html.escape(example['text'])}</td>"
                         f"<td>{html.escape(example['heard'])}</td><td>{spoken}</td></tr>")
         parts.append("<table><tr><th>stage</th><th>text answer</th><th>heard</th><th>spoken answer</th></tr>"
