@@ -69,6 +69,10 @@ def _data(args) -> None:
     elif step == "detokenizer":
         steps.train_detokenizer(p, args.tokenizer, args.filtered, args.tokens, args.lm, args.data_root, args.out,
                                 int(args.threads))
+    elif step == "command-detokenizer":
+        from fac.data.detokenizer import write_command_detokenizer
+
+        log.info("detokenizer (command): checked, %s", json.dumps(write_command_detokenizer(p, args.out)))
     elif step == "text-corpus":
         from fac.data.spoken import text_corpus
 
@@ -404,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     step("manifests", "write conversation manifests", "--params", "--inputs", "--tokens", "--out")
     step("detokenizer", "train the units -> speech detokenizer in the assistant's voice, measure resynthesis",
          "--params", "--tokenizer", "--filtered", "--tokens", "--lm?", "--data-root", "--out", "--threads")
+    step("command-detokenizer", "speech out at paper scale: write the folder of a command detokenizer (CosyVoice 3's "
+         "token2wav run once per batch from a template), checked by speaking once", "--params", "--out")
     step("text-corpus", "data source text: the conversations' sentences and words (the ASR scorer's LM)",
          "--source", "--names", "--out")
     step("speak", "data source text: speak one shard of a conversation file, ASR-filter it, write it officially",

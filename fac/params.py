@@ -102,6 +102,8 @@ def validate(config: dict, origin: str = "params") -> dict:
             return config
         if not config["data"].get("shards"):
             raise ParamsError(f"{origin}: data.shards: data.source text speaks each file in this many jobs; give it")
+    if source == "world":
+        _check_detokenizer(config, origin)
     tts = config["tts"]
     for name in ("rate", "pitch"):
         low, high = tts[name]
@@ -121,23 +123,57 @@ def validate(config: dict, origin: str = "params") -> dict:
 
 
 WORLD_SECTIONS = ("world", "tts", "paraling", "instruction", "asr", "noise", "manifests", "detokenizer")
-# Source text speaks and filters its conversations: tts and asr are read, less the keys about the world's plan.
-WORLD_ONLY_KEYS = {"tts": ("questions_per_train_fact", "questions_per_test_fact", "statements_per_train_fact"),
-                   "asr": ("filter_splits",)}
+# What sources text and manifests read of the world's sections: source text speaks and filters its conversations (tts
+# and asr, less the keys about the world's plan); both may speak the model's answers with a command detokenizer, heard
+# by the asr section's scorer (source manifests: only that, so none of the filter's keys).
+OWN_SOURCE_SECTIONS = {"text": ("tts", "asr", "detokenizer"), "manifests": ("asr", "detokenizer")}
+WORLD_ONLY_KEYS = {"text": {"tts": ("questions_per_train_fact", "questions_per_test_fact", "statements_per_train_fact"),
+                            "asr": ("filter_splits",)},
+                   "manifests": {"asr": ("filter_splits", "max_wer", "workers", "lm_order")}}
+DETOKENIZER_KEYS = {"command": ("command", "speaker", "sample_rate", "codebook_size")}  # flow: the schema's others
+
+
+def _check_detokenizer(config: dict, origin: str) -> None:
+    """The detokenizer's kind fits the data source (flow is trained on the world; command speaks the S3 codes of the
+    other sources), it holds only its kind's keys, and a command detokenizer speaks the speech tokenizer's codes."""
+    section, source = config["detokenizer"], config["data"]["source"]
+    kind = section["kind"]
+    wanted = "flow" if source == "world" else "command"
+    if kind != wanted:
+        why = ("the world trains its own detokenizer on its units" if source == "world" else
+               "there is no world to train a flow detokenizer on: speak the S3 codes with an external token2wav")
+        raise ParamsError(f"{origin}: detokenizer.kind: {kind!r} with data.source {source}; expected {wanted!r} ({why})")
+    command_keys = set(DETOKENIZER_KEYS["command"])
+    others = sorted(set(section) - {"kind"} - command_keys if kind == "command" else set(section) & command_keys)
+    if others:
+        raise ParamsError(f"{origin}: detokenizer.{', detokenizer.'.join(others)}: read by no rule with detokenizer.kind "
+                          f"{kind}; remove them")
+    if kind == "command" and section["codebook_size"] != config["speech_tokenizer"]["codebook_size"]:
+        raise ParamsError(f"{origin}: detokenizer.codebook_size: {section['codebook_size']}, but the speech tokenizer "
+                          f"has {config['speech_tokenizer']['codebook_size']} codes; expected the same codebook")
 
 
 def _check_own_data_source(config: dict, origin: str) -> dict:
     """Data sources manifests and text: no world to learn from, so the components the world trains come from
     folders, and the world's own sections and keys would be read by no rule (an overlay on the tiny world removes
-    them with null)."""
+    them with null). Source manifests reads `asr` only to hear a detokenizer's speech: the two come together, and
+    the scorer is Whisper (no text to build pocketsphinx's LM from)."""
     source = config["data"]["source"]
-    read_here = ("tts", "asr") if source == "text" else ()
+    read_here = OWN_SOURCE_SECTIONS[source]
+    if source == "manifests" and "asr" in config and config["asr"]["engine"] != "whisper":
+        raise ParamsError(f"{origin}: asr.engine: {config['asr']['engine']!r} with data.source manifests has no text "
+                          "to build its LM from; expected whisper (with asr.model)")
     unread = [name for name in WORLD_SECTIONS if name in config and name not in read_here]
-    unread += [f"{section}.{key}" for section in read_here for key in WORLD_ONLY_KEYS[section]
+    unread += [f"{section}.{key}" for section, keys in WORLD_ONLY_KEYS[source].items() for key in keys
                if key in config.get(section, {})]
     if unread:
         raise ParamsError(f"{origin}: {', '.join(unread)}: the tiny world's sections and keys are read by no rule "
                           f"with data.source {source}; remove them (an overlay sets them to null)")
+    if source == "manifests" and ("asr" in config) != ("detokenizer" in config):
+        given, lacking = ("asr", "detokenizer") if "asr" in config else ("detokenizer", "asr")
+        raise ParamsError(f"{origin}: {lacking}: data.source manifests reads {given} only for speech-to-speech "
+                          f"evaluation, which needs both a detokenizer (to speak the answers) and an asr section (to "
+                          f"hear them); give {lacking}, or drop {given}")
     needs = [("text_tokenizer.kind", config["text_tokenizer"].get("kind", "train") == "pretrained", "pretrained"),
              ("speech_tokenizer.kind", config["speech_tokenizer"].get("kind") == "s3",
               "s3 (k-means units are learned from the world's clips)"),
@@ -151,6 +187,8 @@ def _check_own_data_source(config: dict, origin: str) -> dict:
     if config.get("dpo") and not config["data"].get("preferences"):
         raise ParamsError(f"{origin}: data.preferences: with data.source {source} DPO trains on your preference "
                           "pairs; name their file")
+    if config.get("detokenizer"):
+        _check_detokenizer(config, origin)
     return config
 
 

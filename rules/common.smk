@@ -28,6 +28,10 @@ RESULTS = f"{RESULTS_ROOT}/{EXP}"
 # (rules/text.smk); every rule after the manifests is shared.
 WORLD = config["data"]["source"] == "world"
 TEXT = config["data"]["source"] == "text"
+# Speech out: the world trains its detokenizer (rules/world.smk); the other sources have one when params give a
+# `detokenizer` section (kind command: rules/imported.smk). Either way it is {DATA}/detokenizer, and evaluation speaks
+# the DRSR stages' answers with it and hears them with the asr section's scorer (speech to speech).
+SPEECH_OUT = WORLD or bool(config.get("detokenizer"))
 
 
 def check_before_running():
@@ -46,6 +50,13 @@ def check_before_running():
 
         try:
             CommandEngine(config["tts"]["command"])
+        except ValueError as err:
+            raise WorkflowError(f"params {err}")
+    if (config.get("detokenizer") or {}).get("kind") == "command":
+        from fac.data.templates import DETOKENIZER_COMMAND, check_template  # light: fac.data.detokenizer loads torch
+
+        try:
+            check_template(config["detokenizer"]["command"], *DETOKENIZER_COMMAND)
         except ValueError as err:
             raise WorkflowError(f"params {err}")
     existing = RESULTS
@@ -219,19 +230,20 @@ def base_llm_world_flag(wildcards, input):
 
 
 def eval_inputs(wildcards):
-    """What evaluation reads besides the checkpoint: the manifests, and when there is a world its text QA and, for a
-    DRSR model (every stage but the base LLM), the detokenizer and the ASR scorer that hear its spoken answers."""
+    """What evaluation reads besides the checkpoint: the manifests, when there is a world its text QA, and with speech
+    out (SPEECH_OUT), for a DRSR model (every stage but the base LLM), the detokenizer and the ASR scorer that hear
+    its spoken answers."""
     inputs = {"manifests": MANIFEST_COUNTS}
     if WORLD:
         inputs["world"] = WORLD_QA
-        if wildcards.stage != "base_llm":
-            inputs.update(detokenizer=f"{DATA}/detokenizer", **asr_scorer_inputs(wildcards))
+    if SPEECH_OUT and wildcards.stage != "base_llm":
+        inputs.update(detokenizer=f"{DATA}/detokenizer", **asr_scorer_inputs(wildcards))
     return inputs
 
 
 def eval_speech_flags(wildcards, input):
     """Speech to speech (fac.eval.metrics.speech_to_speech): the detokenizer, the scorer's params and LM, and
-    `evaluation.speech_questions` per test set."""
+    `evaluation.speech_questions` per test set (world) or evaluation set (data.eval)."""
     if "detokenizer" not in input.keys():
         return ""
     questions = int((config.get("evaluation") or {}).get("speech_questions", 60))
@@ -373,7 +385,8 @@ def manifest_files():
 
 def data_targets():
     if not WORLD:
-        return manifest_files() + [MANIFEST_COUNTS, f"{DATA}/tokenizer/tokenizer.json", f"{DATA}/speech_tokenizer"]
+        return manifest_files() + [MANIFEST_COUNTS, f"{DATA}/tokenizer/tokenizer.json", f"{DATA}/speech_tokenizer"] + (
+            [f"{DATA}/detokenizer"] if SPEECH_OUT else [])
     return manifest_files() + [
         f"{DATA}/report.md",
         f"{DATA}/tokenizer/tokenizer.json",

@@ -31,3 +31,27 @@ rule manifests:
     shell:
         "fac data import-manifests {params.source} --names {params.names} {params.preferences}"
         " --speech-tokenizer {input.speech_tokenizer} --data-root {params.root} --out {params.out} 2> {log}"
+
+
+if SPEECH_OUT:
+
+    rule detokenizer:
+        """Speech out (params `detokenizer`, kind command): CosyVoice 3's token2wav run by your command template once
+        per batch of answers (fac.data.detokenizer.CommandDetokenizer). The folder holds its config and a copy of the
+        speaker file; one second of codes is spoken through it once, so a broken install stops here (check.json)."""
+        input:
+            speaker=config["detokenizer"]["speaker"],
+        output:
+            directory(f"{DATA}/detokenizer"),
+        params:
+            cfg=as_json(config["detokenizer"]),
+        resources:
+            **group_resources("data"),
+        conda:
+            ENV
+        log:
+            f"{DATA_LOGS}/detokenizer.log",
+        benchmark:
+            f"{DATA_BENCH}/detokenizer.tsv"
+        shell:
+            "fac data command-detokenizer --params {params.cfg} --out {output} 2> {log}"

@@ -247,7 +247,7 @@ rule report:
         checkpoints=[f"{RESULTS}/checkpoints/{stage}" for stage in ("base_llm", "prealign", "stage1", "stage2", "dpo")],
         ablations=[f"{RESULTS}/ablations.json"] if config["ablations"]["in_all"] else [],
         examples=expand(f"{RESULTS}/eval/examples/{{stage}}.json", stage=EVAL_STAGES),
-        speech=[f"{DATA}/detokenizer"] if WORLD else [],  # speaks the examples' answers
+        speech=[f"{DATA}/detokenizer"] if SPEECH_OUT else [],  # speaks the examples' answers
     output:
         f"{RESULTS}/report.html",
     params:

@@ -1,7 +1,9 @@
 """The paper recipe rehearsed end to end: params/paper.yaml as it stands, plus an overlay that changes only sizes,
 counts, paths and the CPU choice (`gpus: 0` with `precision: fp32`), over tiny random stand-ins in the real formats
 (a Qwen3 folder with Qwen's vocabulary size and special ids and no audio tokens, a Whisper folder with 128 mel bins,
-an S3 tokenizer in the official ONNX layout, data in the official SFT format). Every rule of the DAG runs, the DeepSpeed stages as two CPU processes under gloo."""
+an S3 tokenizer in the official ONNX layout, data in the official SFT format, a token2wav command speaking 24 kHz
+with a 192-dim speaker embedding). Every rule of the DAG runs, the DeepSpeed stages as two CPU processes under gloo;
+every DRSR stage's answers are spoken by the detokenizer and heard by the Whisper stand-in."""
 import json
 import re
 import subprocess
@@ -10,8 +12,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from standins import (official_dataset, qwen3_llm, qwen_tokenizer, released_checkpoint, s3_tokenizer_file,
-                      s3_tokenizer_onnx, whisper_asr)
+from standins import (TOKEN2WAV_RATE, official_dataset, qwen3_llm, qwen_tokenizer, released_checkpoint,
+                      s3_tokenizer_file, s3_tokenizer_onnx, speaker_embedding, token2wav_command, whisper_asr)
 from workflow_helpers import BIN, LOCAL_PROFILE, ROOT, env
 
 PAPER = yaml.safe_load((ROOT / "params/paper.yaml").read_text())
@@ -39,8 +41,12 @@ def leaves(tree: dict, prefix: str = "") -> dict:
 def sizes_only(overlay: dict) -> None:
     """The overlay may change sizes, counts and paths (and choose the CPU: gpus 0, precision fp32, evaluation's
     gpus 0), never a component, an engine or a stage."""
+    # Paths also: the ASR scorer's Whisper folder (asr.model), the speaker file and the detokenizer's command line,
+    # which is where your token2wav install lives (the rehearsal's is a stand-in script; its placeholders are the
+    # same, and the rule checks them).
     allowed_leaf = re.compile(r"(^experiment$|path$|media$|import$|^threads$|^model\.srh\.|batch_size$|grad_accum$|"
-                              r"max_length$|epochs$|^\w+\.gpus$|^resources\.eval\.gpus$|^\w+\.precision$|^\w+\.processes$)")
+                              r"max_length$|epochs$|^\w+\.gpus$|^resources\.eval\.gpus$|^\w+\.precision$|^\w+\.processes$|"
+                              r"^asr\.model$|^detokenizer\.speaker$|^detokenizer\.command$)")
     for key, value in leaves(overlay).items():
         assert allowed_leaf.search(key), f"the rehearsal overlay changes {key}, which is not a size, count or path"
         if key.endswith(".gpus"):
@@ -59,6 +65,7 @@ def rehearsal(tmp_path_factory):
     # The S3 tokenizer as paper.yaml names it: speech_tokenizer_v3.onnx, in the official export's layout.
     s3 = s3_tokenizer_onnx(root / "models/speech_tokenizer_v3.onnx", s3_tokenizer_file(root / "s3_weights.pt"))
     data = official_dataset(root / "data/paper")
+    speaker = speaker_embedding(root / "models/cosyvoice3_speaker.pt")
     overlay = {
         "experiment": "rehearsal",
         "data": {"path": str(data["folder"] / "manifests"), "media": str(data["folder"] / "media")},
@@ -69,6 +76,8 @@ def rehearsal(tmp_path_factory):
         "model": {"srh": SMALL_SRH},
         "base_llm": {"import": str(qwen)},
         "encoder": {"import": str(whisper)},
+        "asr": {"model": str(whisper)},
+        "detokenizer": {"command": token2wav_command(root / "cosyvoice"), "speaker": str(speaker)},
         **{stage: {"gpus": 0, "precision": "fp32", "processes": 2, "batch_size": 1, "max_length": 512}
            for stage in DS_STAGES},
     }
@@ -87,7 +96,7 @@ def rehearsal(tmp_path_factory):
             "whisper": whisper, "data": data, "overlay": overlay_file, "cmd": cmd}
 
 
-EXPECTED_RULES = {"text_tokenizer", "speech_tokenizer", "manifests", "base_llm", "encoder", "init_model",
+EXPECTED_RULES = {"text_tokenizer", "speech_tokenizer", "manifests", "detokenizer", "base_llm", "encoder", "init_model",
                   "train_drsr", "merge", "dpo", "evaluate", "metrics", "report", "all"}
 
 
@@ -112,6 +121,28 @@ def test_the_metrics_table_has_every_stage(rehearsal):
     markdown = (rehearsal["results"] / "metrics.md").read_text()
     assert all(f"| {stage} |" in markdown for stage in table)
     assert (rehearsal["results"] / "report.html").stat().st_size > 0
+
+
+def test_every_drsr_stage_is_scored_speech_to_speech_through_the_command_detokenizer(rehearsal):
+    """The eval set's spoken references (2 of its 4 records) answered in speech by every DRSR stage, spoken by the
+    token2wav command at 24 kHz and heard by Whisper (at 16 kHz): s2s_acc_eval and answer_wer_eval; the base LLM
+    speaks nothing. The detokenizer folder is self-contained and was checked by speaking once."""
+    folder = rehearsal["results"] / "data/detokenizer"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "fac_command_detokenizer" and config["sample_rate"] == TOKEN2WAV_RATE
+    assert config["codebook_size"] == 6561
+    assert (folder / config["speaker"]).read_bytes() == (rehearsal["root"] / "models/cosyvoice3_speaker.pt").read_bytes()
+    assert json.loads((folder / "check.json").read_text())["samples"] == 25 * 960
+    table = json.loads((rehearsal["results"] / "metrics.json").read_text())
+    assert not any(key.startswith(("s2s_", "answer_wer")) for key in table["base_llm"])
+    for stage in ("init", "prealign", "stage1", "merged", "stage2", "dpo"):
+        assert 0.0 <= table[stage]["s2s_acc_eval"] <= 1.0, stage
+        assert table[stage]["answer_wer_eval"] >= 0.0, stage
+        assert table[stage]["s2s_questions_eval"] == 2, stage
+        examples = json.loads((rehearsal["results"] / f"eval/examples/{stage}.json").read_text())
+        assert [e["answer"] for e in examples] == ["paris", "seven"]  # no meta.answer: the reference reply's text
+    report = (rehearsal["results"] / "report.html").read_text()
+    assert "Spoken answers" in report and report.count("spoken answer") >= 2
 
 
 def test_imported_tensors_are_in_the_checkpoints_bit_for_bit(rehearsal):

@@ -149,11 +149,31 @@ def _paper(root):
     (lambda c: c.update(base_llm={"import": "x", "packing": True}), r"base_llm\.packing: base_llm imports x and trains nothing"),
     (lambda c: (c["dpo"].update(packing=True), c["dpo"].pop("max_length")), r"dpo\.packing: give dpo\.max_length"),
     (lambda c: c["stage2"].pop("max_length"), r"stage2\.packing: give stage2\.max_length"),
+    # speech out: a command detokenizer (no world to train a flow one), heard by Whisper; the two come together
+    (lambda c: c.update(detokenizer=DEFAULT["detokenizer"]), r"detokenizer\.kind: 'flow' with data.source manifests"),
+    (lambda c: c["detokenizer"].update(channels=8), r"detokenizer\.channels: read by no rule with detokenizer\.kind command"),
+    (lambda c: c["detokenizer"].update(codebook_size=4096), r"detokenizer\.codebook_size: 4096, but the speech tokenizer"),
+    (lambda c: c.pop("detokenizer"), r"detokenizer: data.source manifests reads asr only for speech-to-speech"),
+    (lambda c: c.pop("asr"), r"asr: data.source manifests reads detokenizer only for speech-to-speech"),
+    (lambda c: c.update(asr={"engine": "pocketsphinx", "lm_order": 3}), r"asr\.engine: 'pocketsphinx' .* expected whisper"),
+    (lambda c: c["asr"].update(max_wer=0.3), r"asr\.max_wer: the tiny world's sections and keys are read by no rule"),
+    (lambda c: c["detokenizer"].pop("speaker"), r"detokenizer\.speaker: required key is missing"),
 ])
 def test_the_manifests_source_refuses_what_no_rule_would_read_or_could_build(root, change, message):
     cfg = _paper(root)
     change(cfg)
     with pytest.raises(ParamsError, match=message):
+        validate(cfg)
+
+
+def test_the_world_trains_a_flow_detokenizer_and_refuses_a_command_one(root):
+    cfg = _default(root)
+    cfg["detokenizer"] = {"kind": "command", "command": "t2w {units} {out} {speaker}", "speaker": "s.pt",
+                          "sample_rate": 24000, "codebook_size": cfg["speech_tokenizer"]["codebook_size"]}
+    with pytest.raises(ParamsError, match=r"detokenizer\.kind: 'command' with data.source world; expected 'flow'"):
+        validate(cfg)
+    cfg["detokenizer"] = {"kind": "flow"}
+    with pytest.raises(ParamsError, match=r"detokenizer\.channels: required key is missing"):
         validate(cfg)
 
 

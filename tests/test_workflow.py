@@ -42,9 +42,9 @@ def params_of(proc: subprocess.CompletedProcess, action: str) -> dict:
 
 
 # What params/paper.yaml reads from disk: the Qwen3 folder (tokenizer and LLM), the Whisper folder (encoder),
-# CosyVoice 3's S3 tokenizer and the user's manifests.
+# CosyVoice 3's S3 tokenizer, the user's manifests and the detokenizer's speaker file.
 PAPER_COMPONENTS = ("models/Qwen3-8B", "models/whisper-large-v3", "models/speech_tokenizer_v3.onnx",
-                    "data/paper/manifests")
+                    "data/paper/manifests", "models/cosyvoice3_speaker.pt")
 
 
 def paper_components(workdir, leave_out=None):
@@ -67,6 +67,11 @@ def test_paper_params_stand_alone_without_the_tiny_worlds_keys(tmp_path):
     planned = planned_jobs(proc)
     assert "manifests" in planned and not {"world", "tts", "asr_lm", "asr_filter", "noisy"} & set(planned)
     assert "fac data import-manifests" in proc.stdout + proc.stderr  # the user's data, taken in
+    # Speech out: CosyVoice 3's token2wav by command, and every DRSR stage's evaluation speaks and hears with it.
+    assert params_of(proc, "data command-detokenizer")["kind"] == "command" and "detokenizer" in planned
+    evaluations = [line for line in (proc.stdout + proc.stderr).splitlines() if "fac eval --stage" in line]
+    assert len(evaluations) == 7
+    assert all(("--detokenizer" in line) == ("--stage base_llm" not in line) for line in evaluations)
 
 
 @pytest.mark.parametrize("component", PAPER_COMPONENTS)
