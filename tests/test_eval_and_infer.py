@@ -290,3 +290,36 @@ def test_answer_match_looks_for_meta_answer_else_the_reference_replys_text():
     assert reference_answer(SimpleNamespace(meta={"answer": "paris"}, text="it is paris")) == "paris"
     assert reference_answer(SimpleNamespace(meta={}, text="it is paris")) == "it is paris"
     assert reference_answer(SimpleNamespace(meta={}, text=None)) == ""
+
+
+def test_speech_to_speech_asks_the_spoken_references_and_scores_answer_match_only_where_there_is_an_answer(
+        monkeypatch):
+    """Your data's records: only those with a spoken reference are answered in speech; answer match looks for
+    meta.answer, else the reply's text, and a record with neither counts for answer_wer only (no record with one:
+    s2s_acc is None, for evaluate_sets to list as skipped)."""
+    from types import SimpleNamespace
+
+    import fac.eval.metrics as metrics
+
+    def record(text, codes, meta=None):
+        return SimpleNamespace(text=text, codes=codes, meta=meta or {}, user_path="q.wav", reply_ref_path="", turns=[])
+
+    records = [record("it is paris", [1, 2]), record("blue", None), record("", [3], {"answer": "seven"}),
+               record("", [4])]
+    asked = []
+    monkeypatch.setattr(metrics, "answers", lambda model, data, recs, *a, **k: asked.extend(recs) or
+                        [([i], [i]) for i in range(len(recs))])
+    monkeypatch.setattr(metrics, "spoken_units", lambda speech, cfg: speech)
+    said = {0: "it is paris", 1: "seven", 2: "hello"}
+    tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens: said[ids[0]])
+    heard = {0: "it is paris", 1: "eleven", 2: "hello"}
+    speech_out = SimpleNamespace(questions=0, EXAMPLES=3, examples=[], hear=lambda units: [heard[u[0]] for u in units])
+    model = SimpleNamespace(eval=lambda: None, config=SimpleNamespace(audio_config=SimpleNamespace(group_size=5)))
+    data = SimpleNamespace(records={"eval": records, "plain": [records[1], records[3]]})
+    scored = metrics.speech_to_speech(model, data, "eval", tokenizer, speech_out)
+    assert asked == [records[0], records[2], records[3]]  # the text reference is not asked in speech
+    assert scored["s2s_questions"] == 3 and scored["s2s_acc"] == pytest.approx(1 / 2)  # paris heard, seven not
+    assert scored["answer_wer"] == pytest.approx((0.0 + 1.0 + 0.0) / 3)
+    assert [e["answer"] for e in speech_out.examples] == ["it is paris", "seven", ""]
+    asked.clear()
+    assert metrics.speech_to_speech(model, data, "plain", tokenizer, speech_out)["s2s_acc"] is None

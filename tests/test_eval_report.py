@@ -120,3 +120,40 @@ def test_report_plays_each_stages_spoken_answers_beside_the_question_and_the_ref
     assert page.count("(no speech)") == 2 and len(re.findall(r'alt="mels: q\d"', page)) == QUESTIONS_PER_SET + 1
     without = build_report(tmp_path / "results", "default", out)  # no detokenizer: no section
     assert without["spoken_examples"] == 0 and "Spoken answers" not in out.read_text()
+
+
+def test_report_plays_a_24_khz_detokenizers_answers_at_24_khz_beside_16_khz_recordings(tmp_path):
+    """A command detokenizer (CosyVoice 3's token2wav: 24 kHz) speaks the examples in one run; the page's wavs carry
+    each clip's own rate in their headers (the recordings 16 kHz, the answers 24 kHz, the same durations)."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from fac.data.audio import SAMPLE_RATE, write_wav
+    from fac.data.detokenizer import write_command_detokenizer
+    from standins import TOKEN2WAV_RATE, TOKEN2WAV_SAMPLES_PER_UNIT, speaker_embedding, token2wav_command
+
+    t = np.arange(6400) / SAMPLE_RATE
+    for name in ("q.wav", "ref.wav"):
+        write_wav(tmp_path / "data" / name, (0.4 * np.sin(2 * np.pi * 200 * t)).astype(np.float32))
+    calls = tmp_path / "calls.txt"
+    write_command_detokenizer({"command": token2wav_command(tmp_path, f"--calls {calls}"), "sample_rate": TOKEN2WAV_RATE,
+                               "speaker": str(speaker_embedding(tmp_path / "voice.npy")), "codebook_size": 6561},
+                              tmp_path / "detokenizer")
+    write_experiment(tmp_path / "results", "default", 0.25, with_history=False)
+    examples = tmp_path / "results" / "default" / "eval" / "examples"
+    examples.mkdir(parents=True)
+    for stage, spoken in (("stage1", [1, 2, 3]), ("stage2", [4, 5, 6, 7, 8])):
+        (examples / f"{stage}.json").write_text(json.dumps([
+            {"set": "eval", "id": "q0", "question_audio": "q.wav", "question": "where?", "answer": "paris",
+             "text": "paris", "units": spoken, "heard": "paris", "reference_audio": "ref.wav"}]))
+    out = tmp_path / "report.html"
+    build_report(tmp_path / "results", "default", out, tmp_path / "detokenizer", tmp_path / "data")
+    page = out.read_text()
+    clips = [sf.read(io.BytesIO(base64.b64decode(b))) for b in re.findall(r'src="data:audio/wav;base64,([^"]+)"', page)]
+    assert [(len(c), rate) for c, rate in clips] == [(6400, SAMPLE_RATE), (6400, SAMPLE_RATE),
+                                                     (3 * TOKEN2WAV_SAMPLES_PER_UNIT, TOKEN2WAV_RATE),
+                                                     (5 * TOKEN2WAV_SAMPLES_PER_UNIT, TOKEN2WAV_RATE)]
+    assert len(calls.read_text().splitlines()) == 2  # the folder's check, then both stages' answers in one run
+    assert 'alt="mels: q0"' in page
