@@ -186,9 +186,12 @@ class Recognizer:
         # keeps the transcript of a clip the same on every run.
         dither = np.random.default_rng(0).standard_normal(len(samples)).astype(np.float32) / 32768.0
         pcm = np.round(np.clip(samples + dither, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+        # A transcript must not depend on the clips decoded before it: full_utt takes the cepstral mean from this
+        # clip alone, but the feature computation keeps state across utterances all the same (measured: the same
+        # clip's best-path score moved after 11 other clips, and a held-out answer heard as "dog" by a fresh decoder
+        # was "dublin" after 59 clips), so it is reset first (reinit_feat: the fresh decoder's scores, bit for bit).
+        self.decoder.reinit_feat()
         self.decoder.start_utt()
-        # full_utt: cepstral mean from this clip alone, so a transcript does not depend on the clips
-        # decoded before it (live CMN carries over between utterances).
         self.decoder.process_raw(pcm, full_utt=True)
         self.decoder.end_utt()
         hypothesis = self.decoder.hyp()

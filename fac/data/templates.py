@@ -9,6 +9,7 @@ import subprocess
 
 # A template params may give: its key, every placeholder it may hold, and those it must hold.
 DETOKENIZER_COMMAND = ("detokenizer.command", {"units", "out", "speaker", "sample_rate"}, {"units", "out", "speaker"})
+TTS_COMMAND = ("tts.command", {"text", "voice", "out", "rate", "pitch", "amplitude"}, {"text", "voice", "out"})
 
 
 def placeholders(template: str) -> set[str]:
@@ -38,9 +39,11 @@ def fill(template: str, values: dict) -> str:
     return template.format(**{name: shlex.quote(str(value)) for name, value in values.items()})
 
 
-def run(command: str, key: str) -> subprocess.CompletedProcess:
-    """Run `command` with bash; a non-zero exit is a RuntimeError naming `key`, the command and its stderr's tail."""
+def run(command: str, key: str, context: str = "") -> subprocess.CompletedProcess:
+    """Run `command` with bash; a non-zero exit is a RuntimeError naming `key`, what it was asked (`context`, e.g.
+    " on text 'hi'"), the command and its stderr's tail."""
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"{key} failed (exit {result.returncode}): {command}\n{result.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"{key} failed (exit {result.returncode}){context}: {command}\n"
+                           f"{result.stderr.strip()[-2000:]}")
     return result

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shlex
-import string
-import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from fac import faults
-from fac.data import audio
+from fac.data import audio, templates
 from fac.data.voices import ESPEAK, check_voices, run_espeak
 
 log = logging.getLogger("fac.data")
@@ -76,18 +73,11 @@ class CommandEngine:
     `{out}` (a wav path to write, any sample rate), optionally `{rate}`, `{pitch}`, `{amplitude}`; every value is
     shell-quoted. Voices are whatever the synthesiser accepts: each is checked by speaking one short clip with it."""
 
-    FIELDS = {"text", "voice", "out", "rate", "pitch", "amplitude"}
-    REQUIRED = {"text", "voice", "out"}
+    KEY, FIELDS, REQUIRED = templates.TTS_COMMAND
     CHECK_TEXT = "hello"
 
     def __init__(self, template: str):
-        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-        unknown, missing = sorted(fields - self.FIELDS), sorted(self.REQUIRED - fields)
-        if unknown or missing:
-            raise ValueError(f"tts.command {template!r}: " + "; ".join(
-                ([f"unknown placeholder(s) {unknown}"] if unknown else []) + ([f"lacks {missing}"] if missing else []))
-                + f"; expected {{text}}, {{voice}} and {{out}}, optionally {{rate}}, {{pitch}}, {{amplitude}}")
-        self.template = template
+        self.template = templates.check_template(template, self.KEY, self.FIELDS, self.REQUIRED)
         # Clips of another synthesiser are other clips: each command template has its own folder.
         self.folder = f"wavs-command-{hashlib.sha256(template.encode()).hexdigest()[:10]}"
 
@@ -101,11 +91,8 @@ class CommandEngine:
             raw = Path(folder) / "out.wav"
             values = {"text": text, "voice": voice, "rate": int(rate), "pitch": int(pitch),
                       "amplitude": int(amplitude), "out": str(raw)}
-            command = self.template.format(**{k: shlex.quote(str(v)) for k, v in values.items()})
-            result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=False)
-            if result.returncode != 0:
-                raise RuntimeError(f"tts.command failed (exit {result.returncode}) on text {text!r} with voice "
-                                   f"{voice!r}: {command}\n{result.stderr.strip()[-2000:]}")
+            command = templates.fill(self.template, values)
+            templates.run(command, self.KEY, f" on text {text!r} with voice {voice!r}")
             try:
                 samples = audio.read_wav(raw)
             except audio.AudioError as error:
