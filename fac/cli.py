@@ -251,7 +251,7 @@ def _infer(args) -> None:
     if args.speak and args.mode != "s2m":
         raise SystemExit("fac infer: --speak needs --mode s2m (the speech tokens it speaks)")
     result = answer(args.model, args.audio, mode=args.mode, max_new_tokens=args.max_new_tokens,
-                    sample=args.sample, seed=args.seed)
+                    sample=args.sample, seed=args.seed, min_new_tokens=args.min_new_tokens)
     if args.speak:
         result["wav"] = speak(result["speech_tokens"], args.speak, args.detokenizer or default_detokenizer(args.model))
     if args.json:
@@ -267,7 +267,8 @@ def _infer(args) -> None:
 def _demo(args) -> None:
     from fac.eval.demo import serve
 
-    serve(args.model, args.detokenizer or default_detokenizer(args.model), args.host, args.port, args.max_new_tokens)
+    serve(args.model, args.detokenizer or default_detokenizer(args.model), args.host, args.port, args.max_new_tokens,
+          args.min_new_tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -376,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--mode", choices=["s2t", "s2m"], default="s2t")
     infer.add_argument("--json", action="store_true")
     infer.add_argument("--max-new-tokens", type=int, default=32)
+    infer.add_argument("--min-new-tokens", type=int, default=0,
+                       help="no end of the answer (text or speech) before this many tokens (default 0: where the model "
+                       "ends it)")
     infer.add_argument("--sample", action="store_true", help="sample speech (official settings) instead of greedy")
     infer.add_argument("--seed", type=int, default=0)
     infer.add_argument("--speak", metavar="WAV", help="write the spoken answer (--mode s2m) to this wav")
@@ -390,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     demo.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860; 0: any free one)")
     demo.add_argument("--max-new-tokens", type=int, default=64, help="the longest answer, in tokens (default 64)")
+    demo.add_argument("--min-new-tokens", type=int, default=0,
+                      help="no end of the answer (text or speech) before this many tokens (default 0: where the model "
+                      "ends it)")
     demo.set_defaults(func=_demo)
 
     step("world", "build the knowledge base, documents and QA pairs", "--params", "--source", "--out")

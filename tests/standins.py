@@ -332,3 +332,61 @@ def speaker_embedding(path: str | Path, seed: int = 0) -> Path:
 
         torch.save(torch.from_numpy(vector), path)
     return path
+
+
+COSYVOICE3_MODULE = '''"""Stand-in for CosyVoice's cosyvoice.cli.cosyvoice (repository commit ace7c47): CosyVoice3(model_dir) and the
+one method of its model that token2wav uses, CosyVoice3Model.token2wav, with its signature; a random tone instead
+of the flow and HiFT, 960 samples (40 ms at 24 kHz) per code. Each argument is checked as the real one needs it."""
+import os
+
+import torch
+
+
+class CosyVoice3Model:
+    def __init__(self):
+        self.hift_cache_dict = {}
+
+    def token2wav(self, token, prompt_token, prompt_feat, embedding, token_offset, uuid, stream=False, finalize=False,
+                  speed=1.0):
+        assert uuid in self.hift_cache_dict, "token2wav needs hift_cache_dict[uuid] set first (as tts does)"
+        assert token.dtype == torch.int32 and token.dim() == 2 and token.shape[0] == 1, token
+        assert int(token.min()) >= 0 and int(token.max()) < 6561, "S3 codes are 0..6560"
+        assert prompt_token.shape == (1, 0) and prompt_token.dtype == torch.int32, prompt_token.shape
+        assert prompt_feat.shape == (1, 0, 80), prompt_feat.shape
+        assert embedding.shape == (1, 192) and embedding.dtype == torch.float32, embedding.shape
+        assert token_offset == 0 and finalize and not stream
+        t = torch.arange(960) / 24000
+        shift = 20.0 * float(torch.tanh(embedding.mean()))
+        waves = [0.4 * torch.sin(2 * torch.pi * (150 + 10 * (int(u) % 64) + shift) * t) for u in token[0]]
+        return torch.cat(waves)[None]
+
+
+class CosyVoice3:
+    def __init__(self, model_dir, load_trt=False, load_vllm=False, fp16=False, trt_concurrent=1):
+        if not os.path.exists(f"{model_dir}/cosyvoice3.yaml"):
+            raise ValueError(f"{model_dir}/cosyvoice3.yaml not found!")
+        self.sample_rate = 24000
+        self.model = CosyVoice3Model()
+'''
+
+
+def cosyvoice3_command(folder: str | Path) -> str:
+    """paper.yaml's detokenizer command (workflow/scripts/cosyvoice3_token2wav.py) over a stand-in CosyVoice install
+    in `folder` (the `cosyvoice` package with COSYVOICE3_MODULE, a model folder with its cosyvoice3.yaml), run by
+    this interpreter: the shipped script is what runs, only the install is a stand-in."""
+    import shlex
+    import sys
+
+    folder = Path(folder)
+    package = folder / "site" / "cosyvoice"
+    (package / "cli").mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text("")
+    (package / "cli" / "__init__.py").write_text("")
+    (package / "cli" / "cosyvoice.py").write_text(COSYVOICE3_MODULE)
+    model_dir = folder / "Fun-CosyVoice3-0.5B"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "cosyvoice3.yaml").write_text("# stand-in\n")
+    script = Path(__file__).resolve().parent.parent / "workflow" / "scripts" / "cosyvoice3_token2wav.py"
+    return (f"PYTHONPATH={shlex.quote(str(folder / 'site'))} {shlex.quote(sys.executable)} {shlex.quote(str(script))} "
+            f"--model-dir {shlex.quote(str(model_dir))} --units {{units}} --speaker {{speaker}} --out {{out}} "
+            f"--sample-rate {{sample_rate}}")

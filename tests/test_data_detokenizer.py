@@ -62,6 +62,9 @@ def test_synthesis_speaks_640_samples_per_unit_and_drops_ids_outside_the_codeboo
     assert wave.dtype == np.float32 and len(wave) == 4 * 640 and detokenizer.sample_rate == SAMPLE_RATE
     assert 0.1 < np.abs(wave).max() <= 1.0
     assert len(detokenizer.synthesize([CODEBOOK])) == 0
+    for units in ([3], [3, 1]):  # shorter than Griffin-Lim's STFT window: still 640 samples per unit, and sound
+        short = detokenizer.synthesize(units)
+        assert len(short) == 640 * len(units) and np.abs(short).max() > 0.1
 
 
 def test_a_saved_detokenizer_loads_and_speaks_the_same_and_another_folder_is_named(trained, tmp_path):
@@ -234,3 +237,33 @@ def test_a_missing_speaker_file_or_a_folder_of_another_model_is_named(command_de
     with pytest.raises(ValueError, match=r"other/config.json: model_type 'fac_s3_speech_tokenizer' is not a "
                                          r"detokenizer; expected 'fac_flow_detokenizer' or 'fac_command_detokenizer'"):
         load_detokenizer(tmp_path / "other")
+
+
+@pytest.mark.parametrize("speaker_file", ["voice.pt", "voice.npy"])
+def test_the_shipped_cosyvoice3_script_speaks_each_line_through_token2wav_as_cosyvoice_calls_it(tmp_path, speaker_file):
+    """workflow/scripts/cosyvoice3_token2wav.py (paper.yaml's command) over a stand-in CosyVoice install whose
+    CosyVoice3Model.token2wav checks every argument as the real one needs it: one wav per line at 24 kHz, 960 samples
+    per code; the speaker embedding reaches it as [1, 192]."""
+    from standins import cosyvoice3_command
+
+    from fac.data.detokenizer import write_command_detokenizer
+
+    params = command_params(tmp_path, command=cosyvoice3_command(tmp_path / "cosyvoice"),
+                            speaker=str(speaker_embedding(tmp_path / speaker_file)))
+    check = write_command_detokenizer(params, tmp_path / "detok")
+    assert check["samples"] == 25 * TOKEN2WAV_SAMPLES_PER_UNIT
+    waves = load_detokenizer(tmp_path / "detok").synthesize_batch([[1, 2, 3], [6560] * 7, [], [6561, 4]])
+    assert [len(w) for w in waves] == [3 * TOKEN2WAV_SAMPLES_PER_UNIT, 7 * TOKEN2WAV_SAMPLES_PER_UNIT, 0,
+                                       TOKEN2WAV_SAMPLES_PER_UNIT]
+    assert all(np.abs(w).max() > 0.3 for w in waves if len(w))
+
+
+def test_the_shipped_cosyvoice3_script_refuses_a_model_at_another_rate(tmp_path):
+    from standins import cosyvoice3_command
+
+    from fac.data.detokenizer import write_command_detokenizer
+
+    params = command_params(tmp_path, command=cosyvoice3_command(tmp_path / "cosyvoice"), sample_rate=22050)
+    with pytest.raises(RuntimeError, match="speaks at 24000 Hz, but detokenizer.sample_rate is 22050"):
+        write_command_detokenizer(params, tmp_path / "detok")
+    assert not (tmp_path / "detok").exists()

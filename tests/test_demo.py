@@ -18,6 +18,7 @@ from browser import FAKE_MICROPHONE, audio_report, chrome
 from workflow_helpers import BIN, env
 
 MAX_NEW_TOKENS = 12
+MIN_NEW_TOKENS = 6  # the micro model, trained a few steps, may end its answer at once: made to say a few tokens first
 SAMPLES_PER_UNIT = 640  # the detokenizer's: 16 kHz / 25 units per second
 
 
@@ -35,7 +36,8 @@ def expected(experiment) -> dict:
     """The model's own answer to the question (`fac infer --mode s2m`'s)."""
     from fac.eval.infer import answer
 
-    return answer(experiment["model"], experiment["question"], mode="s2m", max_new_tokens=MAX_NEW_TOKENS)
+    return answer(experiment["model"], experiment["question"], mode="s2m", max_new_tokens=MAX_NEW_TOKENS,
+                  min_new_tokens=MIN_NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def server(experiment):
     from fac.eval.demo import DemoServer
 
     with DemoServer(experiment["model"], experiment["detokenizer"], port=0,
-                    max_new_tokens=MAX_NEW_TOKENS).start() as running:
+                    max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MIN_NEW_TOKENS).start() as running:
         yield running
 
 
@@ -208,7 +210,8 @@ def test_fac_demo_serves_the_experiment_until_interrupted(experiment):
     """The command as a person runs it: the detokenizer found two folders above --model, the URL printed, a
     question answered, Ctrl-C (SIGINT) ends it with status 0."""
     proc = subprocess.Popen([str(BIN / "fac"), "demo", "--model", experiment["model"], "--port", "0",
-                             "--max-new-tokens", str(MAX_NEW_TOKENS)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--max-new-tokens", str(MAX_NEW_TOKENS),
+                             "--min-new-tokens", str(MIN_NEW_TOKENS)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env(), cwd=experiment["workdir"])
     try:
         line = proc.stdout.readline()  # printed once the model and the detokenizer are loaded

@@ -90,6 +90,34 @@ def test_generation_stops_at_the_text_eos(model, prompt):
     assert out.text_ids.shape[1] == 2 and out.text_ids[0, -1].item() == eos
 
 
+def test_min_new_tokens_holds_off_every_end_then_leaves_the_model_its_picks(model, prompt):
+    """min_new_tokens=4 with the fixture's second text token and its first speech code taken for the ends: the text
+    steps before 4 avoid them (eos and <|audio_eos|>), as the SRH avoids its eos; where nothing would end, the answer
+    is the plain one, and min_new_tokens=0 is the plain generation itself."""
+    plain = model.generate_speech_text(**prompt, mode="s2m", max_new_tokens=6)
+    assert torch.equal(model.generate_speech_text(**prompt, mode="s2m", max_new_tokens=6, min_new_tokens=0).speech_ids,
+                       plain.speech_ids)
+    text_cfg, audio_cfg = model.config.text_config, model.config.audio_config
+    eos = plain.text_ids[0, 1].item()  # ends the plain answer at its second token
+    ended = model.generate_speech_text(**prompt, mode="s2m", max_new_tokens=6, eos_token_id=eos)
+    assert ended.text_ids.shape[1] == 2
+    held = model.generate_speech_text(**prompt, mode="s2m", max_new_tokens=6, eos_token_id=eos, min_new_tokens=4)
+    first = held.text_ids[0, :4].tolist()
+    assert held.text_ids.shape[1] > 2 and eos not in first and text_cfg.audio_eos_index not in first
+    assert held.text_ids[0, 0].item() == plain.text_ids[0, 0].item()  # before the end, the same pick
+    # The speech eos: the plain answer's first speech token taken for it ends its speech in the first group; held
+    # off, the groups of the first 4 steps never hold it.
+    g, speech_eos = audio_cfg.group_size, audio_cfg.eos_token_id
+    audio_cfg.eos_token_id = plain.speech_ids[0, 0].item()
+    try:
+        assert model.generate_speech_text(**prompt, mode="s2m", max_new_tokens=6).speech_ids[0, :g].tolist() == [
+            audio_cfg.eos_token_id] * g
+        groups = model.generate_speech_text(**prompt, mode="s2m", max_new_tokens=6, min_new_tokens=4).speech_ids
+        assert audio_cfg.eos_token_id not in groups[0, : 4 * g].tolist()
+    finally:
+        audio_cfg.eos_token_id = speech_eos
+
+
 def with_longer_system_prompt(prompt: dict, extra: int) -> dict:
     """The fixture's prompt with `extra` more text tokens in its system turn (after `<|im_start|>system\\n`)."""
     ids = prompt["input_ids"]

@@ -1,8 +1,8 @@
 """The paper recipe rehearsed end to end: params/paper.yaml as it stands, plus an overlay that changes only sizes,
 counts, paths and the CPU choice (`gpus: 0` with `precision: fp32`), over tiny random stand-ins in the real formats
 (a Qwen3 folder with Qwen's vocabulary size and special ids and no audio tokens, a Whisper folder with 128 mel bins,
-an S3 tokenizer in the official ONNX layout, data in the official SFT format, a token2wav command speaking 24 kHz
-with a 192-dim speaker embedding). Every rule of the DAG runs, the DeepSpeed stages as two CPU processes under gloo;
+an S3 tokenizer in the official ONNX layout, data in the official SFT format, a stand-in CosyVoice 3 install under
+the shipped token2wav script, speaking 24 kHz with a 192-dim speaker embedding). Every rule of the DAG runs, the DeepSpeed stages as two CPU processes under gloo;
 every DRSR stage's answers are spoken by the detokenizer and heard by the Whisper stand-in."""
 import json
 import re
@@ -12,8 +12,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from standins import (TOKEN2WAV_RATE, official_dataset, qwen3_llm, qwen_tokenizer, released_checkpoint,
-                      s3_tokenizer_file, s3_tokenizer_onnx, speaker_embedding, token2wav_command, whisper_asr)
+from standins import (TOKEN2WAV_RATE, cosyvoice3_command, official_dataset, qwen3_llm, qwen_tokenizer,
+                      released_checkpoint, s3_tokenizer_file, s3_tokenizer_onnx, speaker_embedding, whisper_asr)
 from workflow_helpers import BIN, LOCAL_PROFILE, ROOT, env
 
 PAPER = yaml.safe_load((ROOT / "params/paper.yaml").read_text())
@@ -42,8 +42,8 @@ def sizes_only(overlay: dict) -> None:
     """The overlay may change sizes, counts and paths (and choose the CPU: gpus 0, precision fp32, evaluation's
     gpus 0), never a component, an engine or a stage."""
     # Paths also: the ASR scorer's Whisper folder (asr.model), the speaker file and the detokenizer's command line,
-    # which is where your token2wav install lives (the rehearsal's is a stand-in script; its placeholders are the
-    # same, and the rule checks them).
+    # which is where your CosyVoice install lives (the rehearsal runs the shipped workflow/scripts/cosyvoice3_token2wav.py
+    # over a stand-in install; the placeholders are paper.yaml's, and the rule checks them).
     allowed_leaf = re.compile(r"(^experiment$|path$|media$|import$|^threads$|^model\.srh\.|batch_size$|grad_accum$|"
                               r"max_length$|epochs$|^\w+\.gpus$|^resources\.eval\.gpus$|^\w+\.precision$|^\w+\.processes$|"
                               r"^asr\.model$|^detokenizer\.speaker$|^detokenizer\.command$)")
@@ -77,7 +77,7 @@ def rehearsal(tmp_path_factory):
         "base_llm": {"import": str(qwen)},
         "encoder": {"import": str(whisper)},
         "asr": {"model": str(whisper)},
-        "detokenizer": {"command": token2wav_command(root / "cosyvoice"), "speaker": str(speaker)},
+        "detokenizer": {"command": cosyvoice3_command(root / "cosyvoice"), "speaker": str(speaker)},
         **{stage: {"gpus": 0, "precision": "fp32", "processes": 2, "batch_size": 1, "max_length": 512}
            for stage in DS_STAGES},
     }
@@ -125,7 +125,7 @@ def test_the_metrics_table_has_every_stage(rehearsal):
 
 def test_every_drsr_stage_is_scored_speech_to_speech_through_the_command_detokenizer(rehearsal):
     """The eval set's spoken references (2 of its 4 records) answered in speech by every DRSR stage, spoken by the
-    token2wav command at 24 kHz and heard by Whisper (at 16 kHz): s2s_acc_eval and answer_wer_eval; the base LLM
+    shipped token2wav script (a stand-in CosyVoice 3 under it) at 24 kHz and heard by Whisper (at 16 kHz): s2s_acc_eval and answer_wer_eval; the base LLM
     speaks nothing. The detokenizer folder is self-contained and was checked by speaking once."""
     folder = rehearsal["results"] / "data/detokenizer"
     config = json.loads((folder / "config.json").read_text())

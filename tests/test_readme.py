@@ -95,7 +95,9 @@ RUN = {
     ".venv/bin/fac params check params/default.yaml my_overlay.yaml": ("", _params_ok),
     f".venv/bin/fac infer --model {STAGES}/stage2 --audio question.wav": ("", _text_answer),
     f".venv/bin/fac infer --model {STAGES}/stage2 --audio question.wav --mode s2m --json": ("", _json_answer),
-    f".venv/bin/fac infer --model {STAGES}/stage2 --audio question.wav --mode s2m --speak answer.wav": ("", _spoken),
+    # The micro world's model, trained a few steps, may end its answer at once: made to say a few tokens first.
+    f".venv/bin/fac infer --model {STAGES}/stage2 --audio question.wav --mode s2m --speak answer.wav": (
+        " --min-new-tokens 6", _spoken),
     f".venv/bin/fac merge --base {STAGES}/prealign --other {STAGES}/stage1 --alpha 0.3 --out merged_0.3": ("", _merged),
 }
 SKIP = {

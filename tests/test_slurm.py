@@ -118,6 +118,7 @@ def test_the_paper_dry_run_through_the_slurm_profile_shows_every_stages_gpus(tmp
     for folder in ("models/Qwen3-8B", "models/whisper-large-v3", "data/paper/manifests"):
         (tmp_path / folder).mkdir(parents=True)
     (tmp_path / "models/speech_tokenizer_v3.onnx").write_bytes(b"")
+    (tmp_path / "models/cosyvoice3_speaker.pt").write_bytes(b"")  # the detokenizer's speaker file
     proc = subprocess.run([str(BIN / "snakemake"), "--profile", str(PROFILE), "-n", "-s", str(ROOT / "workflow/Snakefile"),
                            "--directory", str(tmp_path), "--configfile", str(ROOT / "params/paper.yaml")],
                           capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=300)

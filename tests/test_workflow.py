@@ -405,7 +405,7 @@ def test_infer_speaks_the_answer_through_the_experiments_detokenizer(micro_run, 
     out = tmp_path / "answer.wav"
     model = str(micro_run / "results/micro/checkpoints/stage2")
     proc = subprocess.run([str(BIN / "fac"), "infer", "--model", model, "--audio", str(data / wav), "--mode", "s2m",
-                           "--max-new-tokens", "12", "--speak", str(out), "--json"], capture_output=True, text=True,
+                           "--max-new-tokens", "12", "--min-new-tokens", "6", "--speak", str(out), "--json"], capture_output=True, text=True,
                           env=env(), cwd=micro_run)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)

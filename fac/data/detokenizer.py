@@ -158,11 +158,18 @@ class GriffinLim:
         self.griffin_lim = torchaudio.transforms.GriffinLim(n_fft=N_FFT, n_iter=iterations, win_length=WIN_LENGTH,
                                                             hop_length=HOP_LENGTH, power=1.0, rand_init=False)
 
+    # Griffin-Lim's STFT pads n_fft // 2 samples on each side by reflection, which needs a signal longer than that:
+    # a shorter mel (one or two units) is extended with silent frames, then cut back.
+    MIN_FRAMES = N_FFT // HOP_LENGTH + 1
+
     @torch.no_grad()
     def __call__(self, mel: torch.Tensor) -> np.ndarray:
+        frames = len(mel)
+        if frames < self.MIN_FRAMES:
+            mel = torch.cat([mel, torch.full((self.MIN_FRAMES - frames, mel.shape[1]), math.log(LOG_FLOOR))])
         magnitude = self.inverse(torch.exp(mel).T).clamp_min(0.0)
-        wave = self.griffin_lim(magnitude).numpy()[: len(mel) * HOP_LENGTH]
-        wave = np.pad(wave, (0, len(mel) * HOP_LENGTH - len(wave)))  # 160 samples per frame: 640 per unit
+        wave = self.griffin_lim(magnitude).numpy()[: frames * HOP_LENGTH]
+        wave = np.pad(wave, (0, frames * HOP_LENGTH - len(wave)))  # 160 samples per frame: 640 per unit
         return np.clip(wave / max(float(np.abs(wave).max()), 1e-6) * 0.9, -1.0, 1.0).astype(np.float32)
 
 

@@ -47,9 +47,12 @@ class DemoServer:
     stops it and frees the port. Also a context manager: `with DemoServer(...).start() as server: ...`."""
 
     def __init__(self, model_dir: str, detokenizer_dir: str, host: str = "127.0.0.1", port: int = 7860,
-                 max_new_tokens: int = 64):
+                 max_new_tokens: int = 64, min_new_tokens: int = 0):
         if max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be at least 1; got {max_new_tokens}")
+        if not 0 <= min_new_tokens <= max_new_tokens:
+            raise ValueError(f"--min-new-tokens must be between 0 and --max-new-tokens ({max_new_tokens}); got "
+                             f"{min_new_tokens}")
         try:
             self.httpd = ThreadingHTTPServer((host, port), _Handler)
         except OSError as error:
@@ -62,7 +65,7 @@ class DemoServer:
         except BaseException:
             self.httpd.server_close()
             raise
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -84,7 +87,8 @@ class DemoServer:
         samples = decode_audio(data, name)
         with self._lock:
             start = time.perf_counter()
-            result = self.answerer.answer(samples, mode="s2m", max_new_tokens=self.max_new_tokens)
+            result = self.answerer.answer(samples, mode="s2m", max_new_tokens=self.max_new_tokens,
+                                          min_new_tokens=self.min_new_tokens)
             speech = self.speaker.synthesize(result["speech_tokens"])
             seconds = time.perf_counter() - start
         log.info("answered %.1f s of audio in %.1f s: %r, %d units", len(samples) / SAMPLE_RATE, seconds,
@@ -120,9 +124,9 @@ class DemoServer:
 
 
 def serve(model_dir: str, detokenizer_dir: str, host: str = "127.0.0.1", port: int = 7860,
-          max_new_tokens: int = 64) -> None:
+          max_new_tokens: int = 64, min_new_tokens: int = 0) -> None:
     """`fac demo`: serve until interrupted (Ctrl-C)."""
-    server = DemoServer(model_dir, detokenizer_dir, host, port, max_new_tokens)
+    server = DemoServer(model_dir, detokenizer_dir, host, port, max_new_tokens, min_new_tokens)
     print(f"fac demo: {server.url} (Ctrl-C stops it)", flush=True)
     try:
         server.serve_forever()

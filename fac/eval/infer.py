@@ -33,9 +33,10 @@ class Answerer:
         self.system = self.tokenizer.encode(SYSTEM_PROMPTS["s2m"], add_special_tokens=False)
 
     def answer(self, samples: np.ndarray, mode: str = "s2t", max_new_tokens: int = 32, sample: bool = False,
-               seed: int = 0) -> dict:
+               seed: int = 0, min_new_tokens: int = 0) -> dict:
         """The answer to one question, `samples` at 16 kHz mono (fac.data.audio.read_wav's or decode_audio's): its text, text ids
-        and (mode s2m) the speech tokens, the speech codes below the speech bos."""
+        and (mode s2m) the speech tokens, the speech codes below the speech bos. `min_new_tokens`: no end (text or
+        speech) before that many steps (generate_speech_text's)."""
         config = self.model.config
         features, mask = log_mel(samples, n_mels=config.audio_config.num_mel_bins)
         prompt = build_prompt(self.system, features[0, :, : int(mask[0].sum())], self.special,
@@ -43,6 +44,7 @@ class Answerer:
         # The official inference settings: greedy text; speech sampled (temperature 0.8, top-p 0.9, penalty 1.2).
         sampling = dict(speech_do_sample=True, temperature=0.8, top_p=0.9, repetition_penalty=1.2) if sample else {}
         out = self.model.generate_speech_text(**prompt, mode=mode, max_new_tokens=max_new_tokens,
+                                              min_new_tokens=min_new_tokens,
                                               generator=torch.Generator().manual_seed(seed), **sampling)
         text_ids = out.text_ids[0].tolist()
         codes = [int(c) for c in out.speech_ids[0].tolist()] if out.speech_ids is not None else []
@@ -52,10 +54,11 @@ class Answerer:
 
 
 def answer(model_dir: str, audio_path: str, mode: str = "s2t", max_new_tokens: int = 32, sample: bool = False,
-           seed: int = 0) -> dict:
+           seed: int = 0, min_new_tokens: int = 0) -> dict:
     """One question from a wav file, the checkpoint loaded for it (`Answerer` keeps it for more)."""
     samples = read_wav(audio_path)  # a bad file fails before the model loads, naming itself
-    return Answerer(model_dir).answer(samples, mode=mode, max_new_tokens=max_new_tokens, sample=sample, seed=seed)
+    return Answerer(model_dir).answer(samples, mode=mode, max_new_tokens=max_new_tokens, sample=sample, seed=seed,
+                                      min_new_tokens=min_new_tokens)
 
 
 def speak(units: list[int], out_path: str, detokenizer_dir: str) -> str:

@@ -84,6 +84,7 @@ class FunAudioChatGenerationMixin:
         *,
         mode: str = "s2m",
         max_new_tokens: int = 256,
+        min_new_tokens: int = 0,
         force_text_abos: bool | None = None,
         text_do_sample: bool = False,
         speech_do_sample: bool = False,
@@ -108,6 +109,8 @@ class FunAudioChatGenerationMixin:
         the G tokens drawn sub-step by sub-step (the official `only_crq_sampling`); a group containing the speech
         eos becomes eos x G and its paired text token `<|audio_eos|>`, which ends speech mode.
         `use_cache=False` recomputes both stacks over their whole prefix at every step (for checking the caches).
+        `min_new_tokens` (transformers' meaning): for the first that many steps no row may end, neither its text (eos,
+        `<|audio_eos|>`) nor its speech (the speech eos); 0 leaves every step as the model picks it.
         """
         if mode not in MODES:
             raise ValueError(f"generate_speech_text: mode must be one of {MODES}, got {mode!r}")
@@ -197,8 +200,12 @@ class FunAudioChatGenerationMixin:
                         use_cache=use_cache,
                     )
                     sub_logits = srh_logits[:, -1].float()  # [B, C]
+                    allowed = sub_logits
+                    if step < min_new_tokens:
+                        allowed = sub_logits.clone()
+                        allowed[:, audio_cfg.eos_token_id] = float("-inf")
                     token = pick_token(
-                        sub_logits, torch.cat([speech, *[t[:, None] for t in tokens]], dim=1),
+                        allowed, torch.cat([speech, *[t[:, None] for t in tokens]], dim=1),
                         speech_do_sample, processors, generator,
                     )
                     tokens.append(token)
@@ -207,7 +214,11 @@ class FunAudioChatGenerationMixin:
                         speech_logits_all.append(sub_logits)
                 group = torch.stack(tokens, dim=1)  # [B, G]
 
-            next_text = pick_token(step_text_logits, sequences, text_do_sample, processors, generator)
+            allowed = step_text_logits
+            if step < min_new_tokens:
+                allowed = step_text_logits.clone()
+                allowed[:, [eos_token_id, text_cfg.audio_eos_index]] = float("-inf")
+            next_text = pick_token(allowed, sequences, text_do_sample, processors, generator)
             if step == 0 and force_text_abos:
                 next_text = torch.full_like(next_text, text_cfg.audio_bos_index)
             next_text = torch.where(unfinished, next_text, torch.full_like(next_text, pad_token_id))
