@@ -26,6 +26,13 @@ def test_read_wav_resamples_22050_hz_to_16_khz(tmp_path):
     assert len(audio.read_wav(tmp_path / "espeak.wav")) == 16000
 
 
+def test_resample_changes_the_length_by_the_rate_ratio_and_leaves_a_clip_at_its_own_rate_as_it_is():
+    clip = tone(1.0, rate=24000)
+    assert len(audio.resample(clip, 24000, 16000)) == 16000
+    same = audio.resample(clip, 16000, 16000)
+    assert same.dtype == np.float32 and np.array_equal(same, clip.astype(np.float32))
+
+
 def test_read_wav_downmixes_stereo_to_mono(tmp_path):
     left = tone()
     sf.write(tmp_path / "stereo.wav", np.stack([left, np.zeros_like(left)], axis=1), audio.SAMPLE_RATE)

@@ -57,7 +57,9 @@ def _decode(source, name: str) -> np.ndarray:
 
 def resample(samples, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
     """float32 mono samples at `rate` -> at `target` (torchaudio's band-limited resampling; e.g. a 24 kHz
-    detokenizer's speech for a 16 kHz ASR scorer)."""
+    detokenizer's speech for a 16 kHz ASR scorer); at the same rate, the samples as they are."""
+    if int(rate) == int(target):
+        return np.asarray(samples, dtype=np.float32)
     # torch is imported only where a clip needs resampling: the workflow imports this module (through the voice
     # check) while it parses, and loading torch there would cost every `snakemake -n` ~2 s and ~700 MB.
     import torch

@@ -239,7 +239,7 @@ class SpeechOut:
         clips = self.speak(units_per_answer)
         spoken = [i for i, clip in enumerate(clips) if len(clip)]
         rate = self.detokenizer.sample_rate
-        heard_clips = [clips[i] if rate == SAMPLE_RATE else resample(clips[i], rate, SAMPLE_RATE) for i in spoken]
+        heard_clips = [resample(clips[i], rate, SAMPLE_RATE) for i in spoken]
         heard = dict(zip(spoken, self.scorer.transcribe_batch(heard_clips) if spoken else []))
         return [heard.get(i, "") for i in range(len(clips))]
 

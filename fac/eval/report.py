@@ -186,7 +186,7 @@ def spoken_examples(exp_dir: Path, detokenizer_dir: str | Path, data_root: str |
             samples = speech[(stage, key)]
             spoken = _audio(samples, rate, f"{stage} spoken answer") if len(samples) else "(no speech)"
             if len(samples):
-                heard = samples if rate == SAMPLE_RATE else resample(samples, rate, SAMPLE_RATE)
+                heard = resample(samples, rate, SAMPLE_RATE)
                 mels[stage] = log_mel(heard, max(1, len(heard) // (HOP_LENGTH * FRAMES_PER_UNIT)))
             rows.append(f"<tr><th>{stage}</th><td>{html.escape(example['text'])}</td>"
                         f"<td>{html.escape(example['heard'])}</td><td>{spoken}</td></tr>")
