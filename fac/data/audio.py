@@ -47,8 +47,7 @@ def _decode(source, name: str) -> np.ndarray:
     if samples.shape[0] == 0:
         raise AudioError(f"{name}: holds 0 samples; expected a clip of speech")
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
-    if sample_rate != SAMPLE_RATE:
-        mono = resample(mono, sample_rate, SAMPLE_RATE)
+    mono = resample(mono, sample_rate, SAMPLE_RATE)  # as it is at 16 kHz
     peak = float(np.max(np.abs(mono)))
     if peak < SILENCE_PEAK:
         raise AudioError(f"{name}: is silent (peak {peak:.2e} < {SILENCE_PEAK:.0e}); expected a clip of speech")
