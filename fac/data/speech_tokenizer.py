@@ -15,7 +15,7 @@ import torch
 import torchaudio.compliance.kaldi
 
 from fac import atomic
-from fac.data.audio import SAMPLE_RATE
+from fac.data.audio import SAMPLE_RATE, one_thread
 
 FRAME_RATE = 25  # units per second, as CosyVoice S3 tokens and the official <|audio_pad|> count
 HOP_MS, WINDOW_MS = 10, 25
@@ -45,9 +45,10 @@ def frame_features(samples, n_mels: int = 40) -> np.ndarray:
     waveform = torch.from_numpy(samples * 32768.0).unsqueeze(0)
     # snip_edges=False centres frames on multiples of the hop: round(len / 160) frames,
     # which makes 4 * unit_count frames or up to one unit more.
-    mel = torchaudio.compliance.kaldi.fbank(waveform, num_mel_bins=n_mels, frame_length=WINDOW_MS,
-                                            frame_shift=HOP_MS, sample_frequency=SAMPLE_RATE, dither=0.0,
-                                            snip_edges=False).numpy()
+    with one_thread():
+        mel = torchaudio.compliance.kaldi.fbank(waveform, num_mel_bins=n_mels, frame_length=WINDOW_MS,
+                                                frame_shift=HOP_MS, sample_frequency=SAMPLE_RATE, dither=0.0,
+                                                snip_edges=False).numpy()
     # Relative to the clip's loudest bin, floored 80 dB below it: the same sound gets the same features at any gain,
     # and in any utterance. (Per-utterance mean and variance normalisation made a word's features depend on what
     # else the clip said and how long it was: a one-word answer and the same word inside a sentence, or the same
