@@ -134,9 +134,21 @@ def group_threads(group):
     return int(((config.get("resources") or {}).get(group) or {}).get("cpus", config["threads"]))
 
 
+# Params `training_seed` n moves every seed of the model half by SEED_STRIDE * n (n = 0: the seeds as written): each
+# stage's, the assembled model's initialisation and the preference pairs' draw. The data half's seeds stay, so that
+# experiments differing only in it share one data folder (fac.params.data_folder).
+SEED_STRIDE = 1000
+
+
+def training_seed(seed):
+    return int(seed) + SEED_STRIDE * int(config.get("training_seed", 0))
+
+
 def stage_slice(name):
-    """A training stage's params as `fac train` reads them: everything but the scheduler's `resources`."""
-    return {k: v for k, v in config[name].items() if k != "resources"}
+    """A training stage's params as `fac train` reads them: everything but the scheduler's `resources`, its `seed`
+    (0 where it gives none) moved by `training_seed`."""
+    stage = {k: v for k, v in config[name].items() if k != "resources"}
+    return {**stage, "seed": training_seed(stage.get("seed", 0))}
 
 
 def stage_resources(name):
@@ -333,7 +345,7 @@ def released_weights():
 
 def init_params():
     # The adapter's starting scale is measured on clips of the pre-alignment data's first manifest.
-    params = {"model": config["model"], "seed": config["seed"], "scale_manifest": next(iter(config["prealign"]["data"]))}
+    params = {"model": config["model"], "seed": training_seed(config["seed"]), "scale_manifest": next(iter(config["prealign"]["data"]))}
     if released_weights():
         params["init"] = {"released": released_weights()}
     return params

@@ -143,7 +143,7 @@ if WORLD:  # source manifests: the user's preference file, taken in by rule mani
         output:
             f"{RESULTS}/preferences.jsonl",
         params:
-            cfg=as_json({"stage": stage_slice("dpo"), "seed": config["seed"]}),
+            cfg=as_json({"stage": stage_slice("dpo"), "seed": training_seed(config["seed"])}),
             world=input_folder_of("world"),
             manifests=input_folder_of("manifests"),
             root=data_root,

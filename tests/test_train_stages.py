@@ -134,6 +134,33 @@ def test_slot_questions_lay_a_question_out_as_audio_slots(tiny_world):
     assert torch.equal(noisy, slot_noise(embeds, batch["slot_mask"], 5, 2.0))
 
 
+def test_held_out_facts_reach_the_base_llm_only_as_plain_text(tiny_world):
+    """The speech-test facts' questions come in the base LLM's batches as plain text QA, never laid out as audio
+    slots or in a spoken reply's layout; the speech-train facts' come both ways."""
+    from fac.train.data import TextData
+    from fac.train.stages import load_tokenizer
+
+    tok = load_tokenizer(tiny_world.tokenizer_dir)
+    data = TextData(tiny_world.world_dir, tok, {"prob": 0.5, "spoken_reply": 0.5})
+    split = {pair["question"]: pair["split"] for pair in data.qa}
+    assert set(split.values()) == {"train", "test"}
+    vocab = tok.get_vocab()
+    bos, eos, sil = vocab["<|audio_bos|>"], vocab["<|audio_eos|>"], vocab["<|sil|>"]
+    heard, read = set(), set()
+    for step in range(60):
+        batch = data.batch(step, 16, 3)
+        for row in batch["input_ids"].tolist():
+            if bos in row:  # a question in audio slots (the first span), perhaps with a spoken reply
+                inside = [t for t in row[row.index(bos) + 1:row.index(eos)] if t != sil]
+                words = [t for i, t in enumerate(inside) if i == 0 or t != inside[i - 1]]
+                heard.add(tok.decode(words).strip())
+            else:
+                read.update(q for q in split if q in tok.decode(row))
+    assert heard and heard <= set(split)
+    assert {split[q] for q in heard} == {"train"}  # no held-out fact is heard
+    assert "test" in {split[q] for q in read}  # ...but each is read
+
+
 def test_packed_base_llm_batch_gives_the_unpadded_loss_and_gradients_with_less_padding(tiny_world):
     """The base LLM's packed batch (documents, text QA and slot questions sharing rows, positions restarting)
     has the loss and gradients of the same examples one per row, on fewer positions; its slot noise is drawn per

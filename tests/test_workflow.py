@@ -348,6 +348,29 @@ def test_grouping_ablation_overlay_trains_the_recipe_at_that_k(k, micro_run, tmp
     assert (results / "data").resolve() == (micro_run / "results/micro/data").resolve()
 
 
+def test_a_training_seed_moves_every_seed_of_training_and_shares_the_data_half(micro_run, tmp_path):
+    """params `training_seed`: an experiment that differs from the micro run only in it builds nothing of the data
+    half (it links to the micro run's), and every job that draws at random in training gets its seed moved by 1000
+    per unit: each stage's, the assembled model's initialisation and the preference pairs' draw."""
+    import yaml
+
+    seeded = tmp_path / "seeded.yaml"
+    seeded.write_text("experiment: micro_seed2\ntraining_seed: 2\n")
+    proc = snakemake(micro_run, "-n", overlays=("tests/configs/micro.yaml", str(seeded)))
+    assert not set(planned_jobs(proc)) & (set(DATA_RULES) | {"data_report"})
+    commands = {}
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.startswith("Shell command: fac train "):
+            words = shlex.split(line.split("Shell command: ", 1)[1])
+            commands[words[2]] = json.loads(words[words.index("--params") + 1])
+    written = yaml.safe_load((ROOT / "params/default.yaml").read_text())  # the micro overlay sets no seed
+    for stage in ("base_llm", "encoder", "prealign", "stage1", "stage2", "dpo"):
+        assert commands[stage.replace("_", "-")]["stage"]["seed"] == written[stage]["seed"] + 2000, stage
+    assert commands["init"]["seed"] == written["seed"] + 2000
+    assert commands["preferences"]["seed"] == written["seed"] + 2000
+    assert commands["preferences"]["stage"]["seed"] == written["dpo"]["seed"] + 2000
+
+
 def test_tts_rule_speaks_through_a_command_template(tmp_path):
     """tts.engine command in the DAG: the tts job runs the template for every clip (here espeak-ng behind it)."""
     command = "espeak-ng -v {voice} -s {rate} -p {pitch} -a {amplitude} -w {out} {text}"

@@ -87,7 +87,9 @@ def build_tiny_world(root: Path) -> TinyWorld:
     world_dir, data_root, manifest_dir = root / "world", root / "data", root / "manifests"
     world_dir.mkdir(parents=True)
     (world_dir / "corpus.txt").write_text("\n".join(DOCUMENTS) + "\n")
-    qa = [{"id": f"f{i}-q0", "question": q, "answer": a} for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))]
+    # The last fact is a speech-test fact (its text QA pair says so, as the world's do).
+    qa = [{"id": f"f{i}-q0", "question": q, "answer": a, "split": "test" if i == len(QUESTIONS) - 1 else "train"}
+          for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))]
     (world_dir / "text_qa.jsonl").write_text("".join(json.dumps(p) + "\n" for p in qa))
 
     tokenizer_dir = root / "tokenizer"

@@ -85,7 +85,13 @@ class TextData:
         for pair in qa:
             self.examples.append(chat_ids(tokenizer, SYSTEM_PROMPTS["s2t"], pair["question"], pair["answer"]))
         self.qa = qa
+        # Held out means held out: the speech-test facts reach the base LLM as plain text only (documents and text QA),
+        # never in the layouts a spoken question or a spoken reply takes.
+        self.slot_qa = [pair for pair in qa if pair.get("split") != "test"]
         self.slot = dict(slot_questions) if slot_questions and slot_questions.get("prob", 0) > 0 else None
+        if self.slot and not self.slot_qa:
+            raise ValueError(f"{world_dir / 'text_qa.jsonl'}: every pair is of a speech-test fact; slot questions "
+                             "take the speech-train facts' pairs (expected some with split 'train')")
         self.slots_per_step = 5 / group_size  # slots per 0.2 s (one slot at the paper's k = 5)
         if self.slot:
             vocab = tokenizer.get_vocab()
@@ -127,7 +133,7 @@ class TextData:
         chosen = []
         for _ in range(batch_size):
             if self.slot and rng.random() < self.slot["prob"]:
-                chosen.append(self.slot_example(rng, self.qa[rng.randrange(len(self.qa))]))
+                chosen.append(self.slot_example(rng, self.slot_qa[rng.randrange(len(self.slot_qa))]))
             else:
                 chosen.append(self.examples[rng.randrange(len(self.examples))])
         pad = self.tokenizer.pad_token_id
