@@ -65,12 +65,12 @@ def main() -> None:
         (out / f"placement_rank{rank()}.json").write_text(json.dumps(seen))
         return values
 
-    def spied_logps(model, batch):
+    def spied_logps(model, batch, reduce="sum"):
         if not model.training:  # the reference pass (the model in eval mode)
             seen.update(device=str(batch["input_ids"].device),
                         autocast=str(torch.get_autocast_dtype("cuda")) if torch.is_autocast_enabled("cuda") else None,
                         weights=str(next(model.parameters()).dtype))
-        return sequence_logps(model, batch)
+        return sequence_logps(model, batch, reduce)
 
     dpo.write_reference, dpo.cached_reference, dpo.sequence_logps = counted_write, recorded, spied_logps
     dpo.Trainer = NoTraining

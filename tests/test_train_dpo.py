@@ -1,5 +1,5 @@
-"""DPO: the sigmoid loss equals TRL's on the same log-probs; sequence log-probs score exactly the targets the
-training losses score (text and speech); preference files are checked; one DPO step moves the policy."""
+"""DPO: the sigmoid loss equals TRL's on the same log-probs; sequence log-probs score the targets the training
+losses score (text and speech) but the fillers; preference files are checked; one DPO step moves the policy."""
 
 from collections import defaultdict
 from types import SimpleNamespace
@@ -58,7 +58,10 @@ def test_dimension_weights_scale_each_pairs_loss():
     assert abs(at_ref.item() - torch.log(torch.tensor(2.0)).item()) < 1e-6
 
 
-def test_sequence_logps_sum_the_tokens_the_training_losses_average():
+def test_sequence_logps_score_the_training_losses_targets_but_the_fillers():
+    """A reply's log-prob: the targets the training losses average (their per-target log-probs, read here from the
+    logits, add up to the losses) but the text stream's `<|sil|>` and the speech delay's speech-bos codes, which a
+    longer spoken reply has more of; `mean` divides by the targets counted."""
     conformance_dir = CONFORMANCE_DIR
     from safetensors.torch import load_file
 
@@ -69,13 +72,27 @@ def test_sequence_logps_sum_the_tokens_the_training_losses_average():
               if k.startswith("train.")}
     with torch.no_grad():
         out = model(**inputs)
-        total = sequence_logps(model, inputs).sum()
+        total = sequence_logps(model, dict(inputs))
+        mean = sequence_logps(model, dict(inputs), "mean")
     g = model.config.audio_config.group_size
-    n_text = int((out.text_labels[:, 1:] != -100).sum())
-    n_speech = int((torch.nn.functional.pad(out.speech_labels[:, g:], (0, g), value=-100) != -100).sum())
-    # mean CE x count = -summed log-prob, for each stream
-    expected = -(out.text_loss * n_text + out.speech_loss * n_speech)
-    assert torch.isclose(total, expected, rtol=1e-5)
+    text_labels = out.text_labels[:, 1:]
+    speech_labels = torch.nn.functional.pad(out.speech_labels[:, g:], (0, g), value=-100)
+    text_lp = out.text_logits[:, :-1].log_softmax(-1).gather(2, text_labels.clamp(min=0)[..., None])[..., 0]
+    speech_lp = out.speech_logits.log_softmax(-1).gather(2, speech_labels.clamp(min=0)[..., None])[..., 0]
+    text_scored, speech_scored = text_labels != -100, speech_labels != -100
+    # every scored target: mean CE x count = -summed log-prob, for each stream
+    assert torch.isclose(text_lp[text_scored].sum(), -out.text_loss * text_scored.sum(), rtol=1e-5)
+    assert torch.isclose(speech_lp[speech_scored].sum(), -out.speech_loss * speech_scored.sum(), rtol=1e-5)
+    text_filler = text_labels == model.config.text_config.sil_index
+    speech_filler = speech_labels == model.config.audio_config.bos_token_id
+    assert text_filler.any() and speech_filler.any()  # the fixture's spoken replies have both
+    text_kept, speech_kept = text_scored & ~text_filler, speech_scored & ~speech_filler
+    expected = (text_lp * text_kept).sum(-1) + (speech_lp * speech_kept).sum(-1)
+    assert torch.allclose(total, expected, rtol=1e-5)
+    assert not torch.allclose(total, (text_lp * text_scored).sum(-1) + (speech_lp * speech_scored).sum(-1))
+    assert torch.allclose(mean, expected / (text_kept.sum(-1) + speech_kept.sum(-1)), rtol=1e-5)
+    with pytest.raises(ValueError, match="logps 'max'"):
+        sequence_logps(model, dict(inputs), "max")
 
 
 def test_preference_file_errors_name_the_file_and_line(tmp_path):

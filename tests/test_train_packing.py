@@ -110,8 +110,8 @@ def test_packed_batch_gives_the_unpacked_loss_and_gradients(attn):
 
 
 def test_packed_dpo_sides_give_each_conversations_own_sequence_logprob():
-    """DPO with packing: every side's summed log-prob (text and speech targets) from a packed batch equals the one
-    from its own row, so the DPO loss and its gradients are those of the unpacked batch."""
+    """DPO with packing: every side's summed (and mean) log-prob (text and speech targets) from a packed batch equals
+    the one from its own row, so the DPO loss and its gradients are those of the unpacked batch."""
     from fac.train.dpo import sequence_logps
     from fac.train.packing import pack
 
@@ -124,6 +124,9 @@ def test_packed_dpo_sides_give_each_conversations_own_sequence_logprob():
     packed = sequence_logps(model, batch)
     assert torch.allclose(packed, unpacked, atol=1e-4), (packed, unpacked)
     assert (unpacked < 0).all()
+    batch, batch["segments"] = pack(examples, ids, max_length=64)  # per target (logps: mean), the same
+    assert torch.allclose(sequence_logps(model, batch, "mean"), sequence_logps(model, collate(examples, ids), "mean"),
+                          atol=1e-5)
     unpacked.sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)

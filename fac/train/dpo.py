@@ -2,7 +2,8 @@
 
 A pair is one user clip with a chosen and a rejected assistant reply. Replies are scored by their whole
 log-probability under the model: the text stream's tokens plus, for spoken replies, the SRH's speech codes
-(teacher forced, exactly the tokens the training losses score), so text and speech outputs both take part.
+(teacher forced, the tokens the training losses score but the fillers: `<|sil|>` in the text stream, the delay's
+speech-bos codes), summed or, with `logps: mean`, averaged (see LOGPS), so text and speech outputs both take part.
 
     loss_i = w_d(i) * -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
 
@@ -66,35 +67,52 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return weighted.mean(), losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-def sequence_logps(model, batch: dict) -> torch.Tensor:
-    """Summed log-probs of every scored target of each conversation: reply text tokens and speech codes. One per
-    row [B], or with a packed batch (PairData with `packing`: its `segments`, [N, 3] row, start, end) one per
-    conversation [N] in the order of the segments."""
+# How a reply's scored targets make its sequence log-prob (params dpo.logps). Either way the fillers do not count:
+# the text stream's `<|sil|>` while the speech goes on (one per 5-code slot after the transcript) and the speech
+# delay's speech-bos codes, so a longer spoken reply gains no targets that are free to the model.
+# - sum: the summed log-prob of the content targets (DPO as published, TRL's sigmoid loss);
+# - mean: their mean (length-normalised: a reply is scored per target, so pairs of different lengths, a slow and a
+#   normal answer say, are compared on how likely each target is, not on how many there are).
+LOGPS = ("sum", "mean")
+
+
+def sequence_logps(model, batch: dict, reduce: str = "sum") -> torch.Tensor:
+    """Log-prob of each conversation's reply from its content targets (reply text tokens and speech codes, the
+    fillers left out: see LOGPS), summed or averaged (`reduce`). One per row [B], or with a packed batch (PairData
+    with `packing`: its `segments`, [N, 3] row, start, end) one per conversation [N] in the order of the segments."""
+    if reduce not in LOGPS:
+        raise ValueError(f"dpo logps {reduce!r}: expected one of {LOGPS}")
     segments = batch.pop("segments", None)
     out = model(**batch)
     # Under the deepspeed backend `model` is the engine, whose own `config` is DeepSpeed's: read the model's.
-    g = getattr(model, "module", model).config.audio_config.group_size
+    config = getattr(model, "module", model).config
+    g = config.audio_config.group_size
     text_labels = out.text_labels[:, 1:]
     text_logits = out.text_logits[:, :-1].float()
-    mask = text_labels != IGNORE_INDEX
+    mask = (text_labels != IGNORE_INDEX) & (text_labels != config.text_config.sil_index)
     text = torch.gather(text_logits.log_softmax(-1), 2, text_labels.clamp(min=0)[..., None])[..., 0] * mask
-    speech = None
+    count = mask.sum(-1)
+    speech = smask = None
     if out.speech_logits is not None and out.speech_labels is not None:
         targets = F.pad(out.speech_labels[:, g:], (0, g), value=IGNORE_INDEX)  # sub-frame q predicts label q+G
-        smask = targets != IGNORE_INDEX
+        smask = (targets != IGNORE_INDEX) & (targets != config.audio_config.bos_token_id)
         speech = torch.gather(out.speech_logits.float().log_softmax(-1), 2, targets.clamp(min=0)[..., None])[..., 0]
         speech = speech * smask
     if segments is None:
-        return text.sum(-1) + (speech.sum(-1) if speech is not None else 0)
-    # Position t scores the label at t + 1 (sub-frame q the label at q + G): a conversation's targets are scored
-    # from its own positions; the label at the next conversation's first position is its prompt, never a target.
-    totals = []
-    for row, start, end in segments.tolist():
-        total = text[row, start:end].sum()
-        if speech is not None:
-            total = total + speech[row, start * g:end * g].sum()
-        totals.append(total)
-    return torch.stack(totals)
+        total = text.sum(-1) + (speech.sum(-1) if speech is not None else 0)
+        count = count + (smask.sum(-1) if smask is not None else 0)
+    else:
+        # Position t scores the label at t + 1 (sub-frame q the label at q + G): a conversation's targets are scored
+        # from its own positions; the label at the next conversation's first position is its prompt, never a target.
+        totals, counts = [], []
+        for row, start, end in segments.tolist():
+            totals.append(text[row, start:end].sum())
+            counts.append(mask[row, start:end].sum())
+            if speech is not None:
+                totals[-1] = totals[-1] + speech[row, start * g:end * g].sum()
+                counts[-1] = counts[-1] + smask[row, start * g:end * g].sum()
+        total, count = torch.stack(totals), torch.stack(counts)
+    return total if reduce == "sum" else total / count.clamp(min=1)
 
 
 # ----------------------------------------------------------------------------------------------- pairs
@@ -330,7 +348,7 @@ class PairData:
 
 @torch.no_grad()
 def reference_logps(model, data: PairData, batch_size: int = 8, placement: Placement | None = None, rank: int = 0,
-                    world_size: int = 1) -> list[tuple[float, float]]:
+                    world_size: int = 1, reduce: str = "sum") -> list[tuple[float, float]]:
     """The (chosen, rejected) sequence log-probs of every pair, in the pairs' order, computed on `placement`'s device
     under its autocast (None: where the model is, fp32); the model goes back where it was, in train mode.
 
@@ -346,7 +364,7 @@ def reference_logps(model, data: PairData, batch_size: int = 8, placement: Place
         batch = data.batch_of(idx)
         batch.pop("pair_index")
         with placement.autocast() if placement is not None else nullcontext():
-            logps = sequence_logps(model, to_device(batch, device)).float().cpu()
+            logps = sequence_logps(model, to_device(batch, device), reduce).float().cpu()
         n = len(idx)
         mine[start] = list(zip(logps[:n].tolist(), logps[n:].tolist()))
     if world_size > 1:
@@ -362,7 +380,8 @@ def write_reference(ref_file: Path, values: list[tuple[float, float]]) -> None:
     atomic.write_text(ref_file, json.dumps(values))
 
 
-def cached_reference(model, data: PairData, ref_file: Path, placement: Placement) -> list[tuple[float, float]]:
+def cached_reference(model, data: PairData, ref_file: Path, placement: Placement,
+                     reduce: str = "sum") -> list[tuple[float, float]]:
     """The reference log-probs from `ref_file`, or computed once and written there: under several processes
     (WORLD_SIZE > 1, the process group already up) sharded over the ranks and gathered, written by rank 0 alone;
     every rank returns the full list."""
@@ -374,7 +393,7 @@ def cached_reference(model, data: PairData, ref_file: Path, placement: Placement
         torch.distributed.broadcast_object_list(cached, src=0)
     if cached[0]:
         return [tuple(x) for x in json.loads(ref_file.read_text())]
-    values = reference_logps(model, data, placement=placement, rank=rank, world_size=world_size)
+    values = reference_logps(model, data, placement=placement, rank=rank, world_size=world_size, reduce=reduce)
     if rank == 0:
         write_reference(ref_file, values)
     if world_size > 1:
@@ -406,20 +425,25 @@ def train_dpo(stage: dict, model_dir: str, pairs_path: str, data_root: str, out_
     data = PairData(read_pairs(pairs_path), features, tokenizer, special, model.config.audio_config.group_size,
                     weights, stage.get("max_length"), bool(stage.get("packing")))
     beta = float(stage.get("beta", 0.1))
+    reduce = stage.get("logps", "sum")
+    if reduce not in LOGPS:
+        raise ValueError(f"dpo.logps {reduce!r}: expected one of {LOGPS}")
     if epoch_mode(stage):
         data.order = EpochOrder(len(data.pairs), int(stage.get("seed", 0)))
     cfg = StageConfig.from_params(resolve_steps(stage, len(data.pairs)))
     # The reference log-probs cached here belong to this stage-2 checkpoint and these pairs (content hashes).
-    state_dir = Path(state_root) / f"dpo-{fingerprint(stage, files_identity(pairs_path), _identity(model_dir))}"
+    # (`logps` always in the fingerprint: the fillers' leaving the log-probs changed them under every setting.)
+    key = fingerprint({**stage, "logps": reduce}, files_identity(pairs_path), _identity(model_dir))
+    state_dir = Path(state_root) / f"dpo-{key}"
     ref_file = state_dir / "reference_logps.json"
-    data.ref = cached_reference(model, data, ref_file, placement)
+    data.ref = cached_reference(model, data, ref_file, placement, reduce)
     if len(data.ref) != len(data.pairs):
         raise RuntimeError(f"{ref_file}: {len(data.ref)} reference log-probs for {len(data.pairs)} pairs; delete it")
     dims = sorted({p["dimension"] for p in data.pairs})
 
     def loss_fn(m, batch):
         index = batch.pop("pair_index").tolist()
-        logps = sequence_logps(m, batch)
+        logps = sequence_logps(m, batch, reduce)
         n = len(index)
         ref = torch.tensor([data.ref[i] for i in index], dtype=logps.dtype, device=logps.device)
         w = torch.tensor([data.weights[i] for i in index], dtype=logps.dtype, device=logps.device)
