@@ -146,9 +146,11 @@ def training_seed(seed):
 
 def stage_slice(name):
     """A training stage's params as `fac train` reads them: everything but the scheduler's `resources`, its `seed`
-    (0 where it gives none) moved by `training_seed`."""
+    (0, fac train's default, where it gives none) moved by `training_seed`."""
     stage = {k: v for k, v in config[name].items() if k != "resources"}
-    return {**stage, "seed": training_seed(stage.get("seed", 0))}
+    if "seed" in stage or config.get("training_seed", 0):
+        stage["seed"] = training_seed(stage.get("seed", 0))
+    return stage
 
 
 def stage_resources(name):
