@@ -205,8 +205,8 @@ def load(paths: list[str | Path]) -> dict:
 # The params only the model half reads (training, merge, evaluation, report, what jobs ask a scheduler for). Every
 # other section (the data source, the world, the tokenizers, synthesis, ASR, noise, manifests, the seed, and any
 # section added later) belongs to the data half.
-MODEL_HALF_SECTIONS = frozenset({"experiment", "training_seed", "threads", "resources", "evaluation", "model", "init", "base_llm",
-                                 "encoder", "prealign", "stage1", "merge", "stage2", "dpo", "ablations"})
+MODEL_HALF_SECTIONS = frozenset({"experiment", "training_seed", "threads", "resources", "evaluation", "model", "init",
+                                 "base_llm", "encoder", "prealign", "stage1", "merge", "stage2", "dpo", "ablations"})
 DATA_RECORD = ".fac-data-params.json"  # in a data folder: the data-half params it is built (or being built) for
 LENDER_RECORD = "data.from"  # in an experiment whose data are another's: that experiment's name
 

@@ -347,7 +347,8 @@ def released_weights():
 
 def init_params():
     # The adapter's starting scale is measured on clips of the pre-alignment data's first manifest.
-    params = {"model": config["model"], "seed": training_seed(config["seed"]), "scale_manifest": next(iter(config["prealign"]["data"]))}
+    params = {"model": config["model"], "seed": training_seed(config["seed"]),
+              "scale_manifest": next(iter(config["prealign"]["data"]))}
     if released_weights():
         params["init"] = {"released": released_weights()}
     return params
