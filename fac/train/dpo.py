@@ -104,14 +104,12 @@ def sequence_logps(model, batch: dict, reduce: str = "sum") -> torch.Tensor:
     else:
         # Position t scores the label at t + 1 (sub-frame q the label at q + G): a conversation's targets are scored
         # from its own positions; the label at the next conversation's first position is its prompt, never a target.
-        totals, counts = [], []
-        for row, start, end in segments.tolist():
-            totals.append(text[row, start:end].sum())
-            counts.append(mask[row, start:end].sum())
-            if speech is not None:
-                totals[-1] = totals[-1] + speech[row, start * g:end * g].sum()
-                counts[-1] = counts[-1] + smask[row, start * g:end * g].sum()
-        total, count = torch.stack(totals), torch.stack(counts)
+        spans = segments.tolist()
+        total = torch.stack([text[row, start:end].sum() for row, start, end in spans])
+        count = torch.stack([mask[row, start:end].sum() for row, start, end in spans])
+        if speech is not None:
+            total = total + torch.stack([speech[row, start * g:end * g].sum() for row, start, end in spans])
+            count = count + torch.stack([smask[row, start * g:end * g].sum() for row, start, end in spans])
     return total if reduce == "sum" else total / count.clamp(min=1)
 
 
@@ -425,9 +423,7 @@ def train_dpo(stage: dict, model_dir: str, pairs_path: str, data_root: str, out_
     data = PairData(read_pairs(pairs_path), features, tokenizer, special, model.config.audio_config.group_size,
                     weights, stage.get("max_length"), bool(stage.get("packing")))
     beta = float(stage.get("beta", 0.1))
-    reduce = stage.get("logps", "sum")
-    if reduce not in LOGPS:
-        raise ValueError(f"dpo.logps {reduce!r}: expected one of {LOGPS}")
+    reduce = stage.get("logps", "sum")  # checked by sequence_logps on the reference pass, before any training
     if epoch_mode(stage):
         data.order = EpochOrder(len(data.pairs), int(stage.get("seed", 0)))
     cfg = StageConfig.from_params(resolve_steps(stage, len(data.pairs)))
