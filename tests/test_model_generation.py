@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from fac.model import FunAudioChatForConditionalGeneration
 from fac.model.generation import _first_group_with, generate_each
-from fac.model.processing import SpecialIds, collate_prompts
+from fac.model.processing import SPEECH_DELAY, SpecialIds, collate_prompts
 
 from conftest import CONFORMANCE_DIR  # noqa: E402
 
@@ -116,6 +116,26 @@ def test_min_new_tokens_holds_off_every_end_then_leaves_the_model_its_picks(mode
         assert audio_cfg.eos_token_id not in groups[0, : 4 * g].tolist()
     finally:
         audio_cfg.eos_token_id = speech_eos
+
+
+def test_min_new_tokens_makes_a_reply_say_codes_once_its_delay_is_over(model, prompt):
+    """Under min_new_tokens the speech tokens after the delay are codes: the fixture's plain speech with its first
+    code after the delay taken for the speech pad says neither pad nor bos nor eos there, while its delay (which
+    holds a bos and that same code) is the model's own pick."""
+    audio_cfg = model.config.audio_config
+    g, fillers = audio_cfg.group_size, {audio_cfg.bos_token_id, audio_cfg.eos_token_id}
+    plain = model.generate_speech_text(**prompt, mode="s2m", max_new_tokens=8).speech_ids[0].tolist()
+    speech_pad = audio_cfg.pad_token_id
+    audio_cfg.pad_token_id = plain[SPEECH_DELAY]
+    try:
+        held = model.generate_speech_text(**prompt, mode="s2m", max_new_tokens=8, min_new_tokens=5).speech_ids[0]
+    finally:
+        audio_cfg.pad_token_id = speech_pad
+    held = held.tolist()
+    assert held[:SPEECH_DELAY] == plain[:SPEECH_DELAY]
+    assert audio_cfg.bos_token_id in plain[:SPEECH_DELAY] and plain[SPEECH_DELAY] in plain[:SPEECH_DELAY]
+    said = held[SPEECH_DELAY:4 * g]  # the speech of steps 1..4 (step 0's group precedes the reply)
+    assert len(said) == 4 * g - SPEECH_DELAY and not (fillers | {plain[SPEECH_DELAY]}) & set(said)
 
 
 def with_longer_system_prompt(prompt: dict, extra: int) -> dict:

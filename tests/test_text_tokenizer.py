@@ -17,6 +17,10 @@ def test_tokenizer_round_trip_and_one_token_per_word(lexicon_path, tmp_path):
     train_tokenizer(sentences, 1024, tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path)
     assert tokens_per_word(tok, vocabulary(sentences)) == 1.0
+    # An answer starts the assistant's turn (no space before it): each fact's value and each emotion's name is one
+    # token there too, so that an answer of a few tokens can say it.
+    answers = {f["value"] for f in world.facts} | set(source["paralinguistic"]["replies"])
+    assert {a for a in answers if len(tok.encode(a, add_special_tokens=False)) != 1} == set()
     text = sentences[0]
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
 

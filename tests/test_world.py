@@ -69,5 +69,6 @@ def test_write_world_files_and_counts(source, tmp_path):
     world = build_world(source, 10, 0.3, seed=1)
     stats = write_world(world, source, tmp_path)
     assert stats["facts"] == 40 and stats["test_facts"] == 12
-    assert len((tmp_path / "corpus.txt").read_text().splitlines()) == stats["documents"] == 40 * 3
+    # every fact in each of its 3 statements, and each of the 4 emotions named and answered
+    assert len((tmp_path / "corpus.txt").read_text().splitlines()) == stats["documents"] == 40 * 3 + 4 * 2
     assert len((tmp_path / "text_qa.jsonl").read_text().splitlines()) == stats["qa_pairs"] == 40 * 2

@@ -139,6 +139,17 @@ def text_documents(world: World, source: dict) -> list[str]:
     return docs
 
 
+def emotion_documents(source: dict) -> list[str]:
+    """The emotions in words, for the base LLM's pretraining text (and so for the tokenizer: each name one token):
+    each named (first, as an answer starts: its own token) and the reply that fits it. The speech stages then learn
+    to hear an emotion, as they learn to hear a question, and not a word the LLM never read (a model that had not
+    read them answered "how does the speaker sound" with a fact's value, and a name like "neutral" took six tokens,
+    more than an answer's budget)."""
+    para = source["paralinguistic"]
+    return [doc for emotion, reply in para["replies"].items()
+            for doc in (f"{emotion} is how the speaker sounds", f"a speaker who sounds {emotion} is answered {reply}")]
+
+
 def qa_pairs(world: World, source: dict) -> list[dict]:
     """Every fact asked with every question template; the answer is the attribute value."""
     pairs = []
@@ -152,7 +163,8 @@ def qa_pairs(world: World, source: dict) -> list[dict]:
 
 def all_sentences(world: World, source: dict) -> list[str]:
     """Every sentence the world may speak or write: for the ASR language model and the tokenizer."""
-    sentences = text_documents(world, source) + [p["question"] for p in qa_pairs(world, source)]
+    sentences = text_documents(world, source) + emotion_documents(source)
+    sentences += [p["question"] for p in qa_pairs(world, source)]
     sentences += sorted({f["value"] for f in world.facts})
     para = source["paralinguistic"]
     sentences += [fill(t, e["name"]) for t in para["sentences"] for e in world.entities]
@@ -165,11 +177,12 @@ def vocabulary(sentences: list[str]) -> list[str]:
 
 
 def write_world(world: World, source: dict, out_dir: str | Path) -> dict:
-    """Write world.json, corpus.txt (documents), text_qa.jsonl, sentences.txt and vocabulary.txt."""
+    """Write world.json, corpus.txt (the facts' and the emotions' documents), text_qa.jsonl, sentences.txt and
+    vocabulary.txt."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "world.json").write_text(json.dumps(world.to_json(), indent=1))
-    docs = text_documents(world, source)
+    docs = text_documents(world, source) + emotion_documents(source)
     (out / "corpus.txt").write_text("\n".join(docs) + "\n")
     pairs = qa_pairs(world, source)
     (out / "text_qa.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))

@@ -14,6 +14,8 @@ from transformers.generation.logits_process import (
 )
 from transformers.utils import ModelOutput
 
+from fac.model.processing import SPEECH_DELAY
+
 MODES = ("s2t", "s2m")
 
 
@@ -110,7 +112,9 @@ class FunAudioChatGenerationMixin:
         eos becomes eos x G and its paired text token `<|audio_eos|>`, which ends speech mode.
         `use_cache=False` recomputes both stacks over their whole prefix at every step (for checking the caches).
         `min_new_tokens` (transformers' meaning): for the first that many steps no row may end, neither its text (eos,
-        `<|audio_eos|>`) nor its speech (the speech eos); 0 leaves every step as the model picks it.
+        `<|audio_eos|>`) nor its speech (the speech eos), and a row that speaks says codes once its delay is over
+        (`SPEECH_DELAY` tokens): no speech bos, eos or pad, the fillers a reply that says nothing is made of (a
+        barely trained model's greedy speech can be fillers only); 0 leaves every step as the model picks it.
         """
         if mode not in MODES:
             raise ValueError(f"generate_speech_text: mode must be one of {MODES}, got {mode!r}")
@@ -150,6 +154,7 @@ class FunAudioChatGenerationMixin:
         sequences = input_ids
         speech = input_ids.new_zeros(batch, 0)
         in_speech = torch.zeros(batch, dtype=torch.bool, device=device)
+        spoken = torch.zeros(batch, dtype=torch.long, device=device)  # speech tokens of each row's reply so far
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
         prev_speech_embed = embed_speech.weight[audio_cfg.bos_token_id].expand(batch, 1, -1)  # [B, 1, H]
         text_logits_all, speech_logits_all = [], []
@@ -204,6 +209,9 @@ class FunAudioChatGenerationMixin:
                     if step < min_new_tokens:
                         allowed = sub_logits.clone()
                         allowed[:, audio_cfg.eos_token_id] = float("-inf")
+                        says_codes = in_speech & (spoken + j >= SPEECH_DELAY)  # [B]
+                        fillers = [audio_cfg.bos_token_id, audio_cfg.pad_token_id]
+                        allowed[:, fillers] = allowed[:, fillers].masked_fill(says_codes[:, None], float("-inf"))
                     token = pick_token(
                         allowed, torch.cat([speech, *[t[:, None] for t in tokens]], dim=1),
                         speech_do_sample, processors, generator,
@@ -231,6 +239,7 @@ class FunAudioChatGenerationMixin:
                 finish = in_speech & (group == audio_cfg.eos_token_id).any(dim=1)
                 group = torch.where(finish[:, None], torch.full_like(group, audio_cfg.eos_token_id), group)
                 speech = torch.cat([speech, group], dim=1)  # every row gets a group, as in the official loop
+                spoken += in_speech.long() * g
                 sequences[:, -1] = torch.where(finish, text_cfg.audio_eos_index, sequences[:, -1])
                 in_speech &= ~finish
             if not unfinished.any():
