@@ -119,10 +119,13 @@ def validate(config: dict, origin: str = "params") -> dict:
     if source == "world" and "instruct" in config["manifests"]["tasks"] and not config.get("instruction"):
         raise ParamsError(f"{origin}: manifests.tasks: task 'instruct' needs an `instruction` section "
                           "(the speaking styles to synthesise)")
+    if source == "world" and ("multiturn" in config["manifests"]["tasks"]) != bool(config.get("multiturn")):
+        raise ParamsError(f"{origin}: manifests.tasks: task 'multiturn' and a `multiturn` section (its dialogues' "
+                          "counts) come together; give both or neither")
     return config
 
 
-WORLD_SECTIONS = ("world", "tts", "paraling", "instruction", "asr", "noise", "manifests", "detokenizer")
+WORLD_SECTIONS = ("world", "tts", "paraling", "instruction", "multiturn", "asr", "noise", "manifests", "detokenizer")
 # What sources text and manifests read of the world's sections: source text speaks and filters its conversations (tts
 # and asr, less the keys about the world's plan); both may speak the model's answers with a command detokenizer, heard
 # by the asr section's scorer (source manifests: only that, so none of the filter's keys).

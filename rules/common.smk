@@ -391,6 +391,8 @@ def manifest_names():
         names += [f"paraling_{s}" for s in splits] + [f"emotion_{s}" for s in splits]
     if "instruct" in tasks:
         names += [f"instruct_{s}" for s in splits]
+    if "multiturn" in tasks:
+        names += ["multiturn_train", "multiturn_test"]  # the held-out voices speak no dialogue
     return names
 
 

@@ -36,7 +36,7 @@ rule tts:
     params:
         root=data_root,
         cfg=as_json({"tts": config["tts"], "paraling": config["paraling"], "seed": config["seed"],
-                     "instruction": config.get("instruction")}),
+                     "instruction": config.get("instruction"), "multiturn": config.get("multiturn")}),
         world=input_folder_of("world"),
     threads: config["tts"]["workers"]
     resources:

@@ -193,3 +193,27 @@ def test_command_engine_batches_resume_like_espeak_batches(tmp_path):
 def test_each_command_template_keeps_its_clips_apart():
     first, second = tts.CommandEngine(ESPEAK_COMMAND), tts.CommandEngine(ESPEAK_COMMAND + " --punct")
     assert first.folder != second.folder and tts.EspeakEngine().folder == "wavs"
+
+
+def test_plan_adds_referring_questions_per_fact_and_distance_and_changes_no_other_clip(root, lexicon_path):
+    import yaml
+
+    from fac.data.plan import plan_utterances
+    from fac.data.world import REFERENCES, all_sentences, build_world, load_source
+
+    params = yaml.safe_load((root / "params/default.yaml").read_text())
+    source = load_source(lexicon_path)
+    world = build_world(source, 4, 0.25, 1)
+    plain = plan_utterances(world, source, params["tts"], params["paraling"], 5)
+    jobs = plan_utterances(world, source, params["tts"], params["paraling"], 5, None,
+                           {"train_per_fact": 1, "test_per_fact": 2})
+    referring = [j for j in jobs if j["kind"] == "reference"]
+    facts = {f["id"]: f for f in world.facts}
+    assert len(referring) == sum(1 if f["split"] == "train" else 2 for f in world.facts) * len(REFERENCES)
+    sentences = set(all_sentences(world, source))
+    for j in referring:
+        fact = facts[j["fact"]]
+        assert j["split"] == fact["split"] and j["answer"] == fact["value"] and j["entity"] == fact["entity"]
+        assert fact["name"] not in j["text"] and REFERENCES[j["distance"]] in j["text"]
+        assert j["voice"] in params["tts"]["train_voices"] and j["text"] in sentences  # the ASR LM and tokenizer know it
+    assert [j for j in jobs if j["kind"] != "reference"] == plain  # every other clip as without dialogues

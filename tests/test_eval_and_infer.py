@@ -323,3 +323,29 @@ def test_speech_to_speech_asks_the_spoken_references_and_scores_answer_match_onl
     assert [e["answer"] for e in speech_out.examples] == ["it is paris", "seven", ""]
     asked.clear()
     assert metrics.speech_to_speech(model, data, "plain", tokenizer, speech_out)["s2s_acc"] is None
+
+
+def test_multiturn_accuracy_scores_the_last_answer_per_turn_distance(monkeypatch):
+    """Each dialogue's last question answered in text (s2t, a 3-token budget); right when the first word is the value
+    of the person it refers back to; the share overall and per distance."""
+    from types import SimpleNamespace
+
+    import fac.eval.metrics as metrics
+
+    records = [SimpleNamespace(meta={"distance": d, "answer": a}) for d, a in
+               ((1, "dog"), (1, "cat"), (2, "paris"), (2, "red"), (2, "tokyo"))]
+    said = ["dog", "paris", "paris", "blue", "tokyo"]  # right, wrong, right, wrong, right
+    calls = []
+
+    def answers(model, data, recs, desc, mode, budgets, batch_size):
+        calls.append((mode, budgets))
+        return [([i], []) for i in range(len(recs))]
+
+    monkeypatch.setattr(metrics, "answers", answers)
+    monkeypatch.setattr(metrics, "first_word", lambda tokenizer, ids: said[ids[0]])
+    model = SimpleNamespace(eval=lambda: None)
+    scored = metrics.multiturn_accuracy(model, SimpleNamespace(records={"multiturn_test": records}), "multiturn_test",
+                                        None)
+    assert calls == [("s2t", [3] * 5)]
+    assert scored == {"multiturn_acc": pytest.approx(3 / 5), "multiturn_acc_d1": 0.5,
+                      "multiturn_acc_d2": pytest.approx(2 / 3)}

@@ -93,3 +93,37 @@ def test_instruct_record_asks_a_style_and_answers_with_the_styled_clip():
 def test_instruct_task_without_styled_answers_is_an_error():
     with pytest.raises(ValueError, match="instruction.styles"):
         build_manifests(_utterances(), TOKENS, ["spoken_qa", "instruct"])
+
+
+def _dialogue_utterances():
+    """Two people: golden river (its city a training fact, its pet a test fact) and quiet maple (its city)."""
+    def question(uid, split, fact, entity, answer, text):
+        return {"id": uid, "kind": "question", "split": split, "voice": "en-us+m1", "text": text,
+                "path": f"tts/wavs/{uid}.wav", "duration": 1.0, "fact": fact, "entity": entity, "qa": f"{fact}-q0",
+                "answer": answer}
+
+    def reference(uid, split, fact, answer, distance):
+        return {"id": uid, "kind": "reference", "split": split, "voice": "en-us+m1", "text": "what pet does that person have",
+                "path": f"tts/wavs/{uid}.wav", "duration": 1.2, "fact": fact, "entity": "e000", "answer": answer,
+                "distance": distance}
+
+    return [question("q-city", "train", "e000-city", "e000", "paris", "where does golden river live"),
+            question("q-pet", "test", "e000-pet", "e000", "dog", "what pet does golden river have"),
+            question("q-other", "train", "e001-city", "e001", "tokyo", "where does quiet maple live"),
+            reference("m-pet-1", "test", "e000-pet", "dog", 1), reference("m-pet-2", "test", "e000-pet", "dog", 2),
+            reference("m-city-1", "train", "e000-city", "paris", 1)]
+
+
+def test_a_dialogue_refers_back_over_its_distance_to_a_training_fact_of_the_same_person():
+    manifests = build_manifests(_dialogue_utterances(), {}, ["multiturn"])
+    assert set(manifests) == {"multiturn_test"}  # the training one: its person has no other training fact
+    two, three = manifests["multiturn_test"]
+    assert two["system"] == "You are asked to generate text tokens." == three["system"]
+    assert [json.loads(a)["path"] for a in two["audio"]] == ["tts/wavs/q-city.wav", "tts/wavs/m-pet-1.wav"]
+    assert [m["content"] for m in two["messages"]] == [AUDIO_PLACEHOLDER, "paris", AUDIO_PLACEHOLDER, "dog"]
+    # distance 2: someone else is asked about in between; a test fact's clip (q-pet) is never an earlier turn
+    assert [json.loads(a)["path"] for a in three["audio"]] == ["tts/wavs/q-city.wav", "tts/wavs/q-other.wav",
+                                                               "tts/wavs/m-pet-2.wav"]
+    assert [m["content"] for m in three["messages"][1::2]] == ["paris", "tokyo", "dog"]
+    assert (two["meta"]["distance"], three["meta"]["distance"], three["meta"]["answer"]) == (1, 2, "dog")
+    assert three["meta"]["history"] == ["q-city", "q-other"] and three["meta"]["task"] == "multiturn"

@@ -90,6 +90,18 @@ def test_instruct_task_without_an_instruction_section_is_refused(root):
     assert validate(cfg) is cfg
 
 
+def test_multiturn_task_and_its_section_come_together(root):
+    cfg = _default(root)
+    del cfg["multiturn"]
+    with pytest.raises(ParamsError, match=r"task 'multiturn' and a `multiturn` section .* come together"):
+        validate(cfg)
+    cfg["manifests"]["tasks"].remove("multiturn")
+    assert validate(cfg) is cfg
+    cfg["multiturn"] = {"train_per_fact": 1, "test_per_fact": 1}  # dialogues no manifest would hold
+    with pytest.raises(ParamsError, match="come together"):
+        validate(cfg)
+
+
 def test_overlay_merges_deeply(root):
     base = _default(root)
     merged = merge(base, {"world": {"n_entities": 8}})
@@ -189,7 +201,7 @@ DATA_HALF_CHANGES = [("world", "n_entities", 7), ("tts", "rate", [150, 160]), ("
                      ("noise", "snr_db", [10]), ("speech_tokenizer", "codebook_size", 64),
                      ("text_tokenizer", "vocab_size", 512), ("manifests", "tasks", ["spoken_qa"]),
                      ("paraling", "train_per_emotion", 3), ("instruction", "styles", {"slowly": 0.5}),
-                     ("data", "source", "manifests"), (None, "seed", 7)]
+                     ("multiturn", "test_per_fact", 1), ("data", "source", "manifests"), (None, "seed", 7)]
 MODEL_HALF_CHANGES = [("model", "speech", {"group_size": 1}), ("base_llm", "steps", 3), ("encoder", "seed", 5),
                       ("stage2", "lr", 1.0), ("dpo", "beta", 0.5), ("merge", "alpha", 0.1),
                       ("evaluation", "batch_size", 2), ("resources", "data", {"mem_mb": 1}),

@@ -3,6 +3,8 @@ from the base LLM and the encoder, pre-alignment that leaves the LLM untouched a
 
 import json
 
+import random
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -97,6 +99,50 @@ def test_cosine_ctc_scores_directions_and_ties_the_blank_to_a_token():
     assert logits.abs().max() <= 10.0 + 0.5 + 1e-5
     with pytest.raises(ValueError, match="blank_token"):
         CTCRecognizer(audio_config(), embeddings, cosine_scale=10.0)
+
+
+def test_snap_loss_is_one_minus_each_frames_cosine_to_what_ctc_reads_in_it():
+    """A frame that points along its one-hot posterior's word costs 0, one orthogonal to it 1; the blank reads as
+    the tied token's direction; frames past a clip's length do not count."""
+    embeddings = torch.eye(4, 8)  # 4 orthogonal words in 8 dimensions
+    model = CTCRecognizer(audio_config(output_dim=8), embeddings, cosine_scale=10.0, blank_token=3, snap_weight=1.0)
+    hidden = torch.zeros(1, 3, 8)
+    hidden[0, 0, 1] = 2.0  # along word 1
+    hidden[0, 1, 2] = 1.0  # along word 2...
+    hidden[0, 2, 5] = 1.0  # (past the clip's length)
+    logits = torch.full((1, 3, 5), -1e4)
+    logits[0, 0, 1] = 0.0  # read as word 1
+    logits[0, 1, 4] = 0.0  # ...but read as the blank (= word 3): orthogonal
+    assert stages.snap_loss(model, hidden, torch.tensor([2]), logits).item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="give cosine_scale"):
+        CTCRecognizer(audio_config(output_dim=8), embeddings, snap_weight=1.0)
+
+
+def test_snap_weight_pulls_the_encoders_frames_onto_their_words_directions(recipe, tiny_world):
+    """Trained a few steps on the tiny world's speech, the encoder with `snap_weight` leaves its grouped frames
+    nearer (in cosine) to the direction CTC reads in them than the same encoder without it (same seed, data, steps)."""
+    from transformers import AutoModelForCausalLM
+
+    from fac.train.data import FeatureCache
+    from fac.train.stages import TranscriptData
+    from fac.train.trainer import StageConfig, Trainer
+
+    tokenizer = stages.load_tokenizer(tiny_world.tokenizer_dir)
+    embeddings = AutoModelForCausalLM.from_pretrained(recipe / "base_llm").get_input_embeddings().weight.detach()
+    data = TranscriptData(tiny_world.manifest_dir, ["asr_train"], FeatureCache(tiny_world.data_root, 80), tokenizer)
+    cosines = {}
+    for weight in (0.0, 3.0):
+        torch.manual_seed(0)
+        model = CTCRecognizer(audio_config(output_dim=embeddings.shape[1]), embeddings, 5, 10.0,
+                              tokenizer.convert_tokens_to_ids("<|sil|>"), weight)
+        cfg = StageConfig.from_params({"steps": 30, "lr": 3e-3, "batch_size": 4, "seed": 1, "save_every": 1000})
+        Trainer(model, cfg, stages.ctc_loss, lambda step: data.batch(step, 4, 1), recipe / f"snap{weight}",
+                "encoder").train()
+        batch = data.batch_of(list(range(len(data.records))))
+        with torch.no_grad():
+            hidden, lengths = model.grouped(batch["input_features"], batch["feature_attention_mask"])
+            cosines[weight] = 1 - stages.snap_loss(model, hidden, lengths, model.score(hidden, lengths)[0]).item()
+    assert 1 - cosines[3.0] < 0.9 * (1 - cosines[0.0]), cosines  # what CTC leaves free shrinks (here 0.13 -> 0.10)
 
 
 def test_slot_questions_lay_a_question_out_as_audio_slots(tiny_world):
@@ -459,3 +505,42 @@ def test_dpo_trains_under_the_deepspeed_backend_as_under_the_torch_backend(recip
     for a, b in zip(torch_history, ds_history):
         assert a["reward_margin"] == pytest.approx(b["reward_margin"], abs=1e-3)
     assert ds_history[-1]["reward_margin"] > 0.05  # one step already prefers the chosen replies
+
+
+def test_base_llm_dialogues_ask_the_last_question_by_reference_to_the_first_turns_person(lexicon_path, tmp_path):
+    """With `dialogues`, some text QA comes as two or three turns: the first names a person and asks another of
+    their facts, a distance-2 dialogue asks about someone else next, and the last asks by reference; the reply it
+    learns is the referred person's value, and every reply is a label."""
+    from fac.data.text_tokenizer import train_tokenizer
+    from fac.data.world import REFERENCES, all_sentences, build_world, load_source, write_world
+    from fac.train.data import IGNORE_INDEX, TextData
+    from fac.train.stages import load_tokenizer
+
+    source = load_source(lexicon_path)
+    world = build_world(source, 6, 0.3, seed=1)
+    write_world(world, source, tmp_path / "world")
+    train_tokenizer(all_sentences(world, source), 1024, tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    data = TextData(tmp_path / "world", tok, dialogues=1.0)
+    value = {(f["name"], f["attribute"]): f["value"] for f in world.facts}
+    asked = {q: attr for attr, spec in source["attributes"].items() for q in spec["questions"]}
+    distances = set()
+    for step in range(10):
+        for ids in data.batch(step, 8, 5)["input_ids"].tolist():
+            text = tok.decode(ids, skip_special_tokens=False)
+            users = [u.split("<|im_end|>")[0] for u in text.split("<|im_start|>user\n")[1:]]
+            replies = [r.split("<|im_end|>")[0] for r in text.split("<|im_start|>assistant\n")[1:]]
+            assert len(users) == len(replies) in (2, 3)
+            distance = len(users) - 1
+            distances.add(distance)
+            first = next(n for n, _ in value if n in users[0])
+            last = users[-1]
+            assert REFERENCES[distance] in last and not any(n in last for n, _ in value)
+            template = next(q for q in asked if q.replace("{name}", REFERENCES[distance]) == last)
+            assert replies[-1] == value[(first, asked[template])]
+            if distance == 2:
+                assert first not in users[1]
+    assert distances == {1, 2}
+    ids, labels = data.dialogue_example(random.Random(0), data.qa[0])
+    learned = tok.decode([t for t, label in zip(ids, labels) if label != IGNORE_INDEX])
+    assert learned.count("<|im_end|>") in (2, 3)  # every reply is learned, not only the last

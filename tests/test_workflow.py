@@ -102,6 +102,9 @@ def test_data_target_writes_manifests_report_and_logs(micro_run):
     counts = report["manifests"]
     assert counts["spoken_qa_train"] > 0 and counts["spoken_qa_test_unseen_voices"] > 0
     assert counts["spoken_qa_test_snr10"] > 0 and counts["paraling_train"] > 0
+    assert counts["multiturn_train"] > 0 and counts["multiturn_test"] > 0
+    dialogue = json.loads((data / "manifests/multiturn_test.jsonl").read_text().splitlines()[0])
+    assert len(dialogue["audio"]) == 1 + dialogue["meta"]["distance"] and dialogue["meta"]["answer"]
     first = json.loads((data / "manifests/spoken_qa_test.jsonl").read_text().splitlines()[0])
     user = json.loads(first["audio"][0])
     assert (data / user["path"]).is_file()
@@ -152,7 +155,7 @@ def test_changing_what_a_job_asks_the_scheduler_for_reruns_nothing(micro_run):
 @pytest.mark.parametrize("stage", ["stage2", "dpo"])
 def test_batched_evaluation_scores_exactly_as_one_question_at_a_time(micro_run, tmp_path, stage):
     """`evaluation.batch_size` changes how fast, never what: every metric of a trained stage (spoken QA, noisy and
-    unseen voices, emotion, empathy, instruction following) equals the one-at-a-time evaluation's."""
+    unseen voices, emotion, empathy, instruction following, multi-turn) equals the one-at-a-time evaluation's."""
     results = micro_run / "results/micro"
     scores = {}
     for batch in (1, 7):
@@ -163,7 +166,8 @@ def test_batched_evaluation_scores_exactly_as_one_question_at_a_time(micro_run, 
                         "--threads", "2"], check=True, capture_output=True, text=True, env=env(), cwd=micro_run)
         scores[batch] = {k: v for k, v in json.loads(out.read_text()).items() if not k.startswith("train_")}
     assert scores[1] == scores[7]
-    assert {"spoken_qa_acc", "spoken_qa_acc_noisy", "emotion_acc", "empathy_acc", "instruction_acc"} <= set(scores[1])
+    assert {"spoken_qa_acc", "spoken_qa_acc_noisy", "emotion_acc", "empathy_acc", "instruction_acc",
+            "multiturn_acc"} <= set(scores[1])
 
 
 def test_whole_dag_writes_per_stage_metrics(micro_run):
@@ -173,7 +177,7 @@ def test_whole_dag_writes_per_stage_metrics(micro_run):
     assert set(metrics["base_llm"]) == {"text_qa_acc"} | efficiency
     accuracies = {"spoken_qa_acc", "spoken_qa_acc_unseen_voices", "text_qa_acc", "speech_token_acc",
                   "spoken_qa_acc_noisy", "emotion_acc", "empathy_acc", "instruction_acc", "instruction_units_acc",
-                  "s2s_acc", "s2s_acc_unseen_voices"}
+                  "s2s_acc", "s2s_acc_unseen_voices", "multiturn_acc", "multiturn_acc_d1", "multiturn_acc_d2"}
     lengths = {"instruct_length_ratio_quickly", "instruct_length_ratio_slowly", "instruct_duration_ratio_quickly",
                "instruct_duration_ratio_slowly", "answer_wer", "answer_wer_unseen_voices"}
     # speech to speech: the micro test sets are smaller than evaluation.speech_questions (60): every question asked

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import zlib
 from pathlib import Path
 
@@ -53,6 +54,29 @@ def conversation(mode: str, user: dict, assistant: dict | str, meta: dict, user_
     return {"system": system or SYSTEM_PROMPTS[mode], "messages": messages, "audio": audio, "meta": meta}
 
 
+def dialogue(mode: str, turns: list[tuple[dict, str]], meta: dict) -> dict:
+    """A conversation of several spoken turns, each (user clip, the assistant's text reply), in order."""
+    messages, audio = [], []
+    for user, reply in turns:
+        messages += [{"role": "user", "content": AUDIO_PLACEHOLDER}, {"role": "assistant", "content": reply}]
+        audio.append(json.dumps(user))
+    return {"system": SYSTEM_PROMPTS[mode], "messages": messages, "audio": audio, "meta": meta}
+
+
+def _earlier_turns(u: dict, questions: list[dict]) -> list[dict] | None:
+    """The turns a referring question `u` comes after: a training question about another fact of its person, and
+    with distance 2 then one about someone else; drawn by a hash of its id among the kept clips of the training
+    facts (a test fact's value never enters a training dialogue). None when its person has no other such fact."""
+    rng = random.Random(zlib.crc32(u["id"].encode()))
+    named = [q for q in questions if q["entity"] == u["entity"] and q["fact"] != u["fact"]]
+    if not named:
+        return None
+    turns = [rng.choice(named)]
+    if u["distance"] == 2:
+        turns.append(rng.choice([q for q in questions if q["entity"] != u["entity"]]))
+    return turns
+
+
 def build_manifests(utterances: list[dict], tokens: dict[str, list[int]], tasks: list[str]) -> dict[str, list[dict]]:
     """Manifests by name from the kept utterances (clean and noisy) and their speech tokens.
 
@@ -63,7 +87,9 @@ def build_manifests(utterances: list[dict], tokens: dict[str, list[int]], tasks:
       text (audio understanding);
     - instruct_{split}: a spoken question whose system prompt asks for a speaking style (`instruction_prompt`)
       -> the answer text + the assistant's answer said in that style (instruction following); one style
-      per question, drawn by a hash of its id; meta holds the style and the answer's normal length in units.
+      per question, drawn by a hash of its id; meta holds the style and the answer's normal length in units;
+    - multiturn_{split}: a dialogue of two or three spoken turns whose last question refers back to the person
+      named `distance` turns earlier (`_earlier_turns`), every reply in text; meta holds the distance and the answer.
     Noisy copies form spoken_qa_{split}_noisy (train) and spoken_qa_{split}_snr{N} (test splits).
     """
     answers = {u["text"]: u for u in utterances if u["kind"] == "answer" and not u.get("style")}
@@ -73,6 +99,10 @@ def build_manifests(utterances: list[dict], tokens: dict[str, list[int]], tasks:
         raise ValueError("manifests: task 'instruct' needs the assistant's answers in speaking styles "
                          "(params `instruction.styles`, synthesised by the tts rule)")
     out: dict[str, list[dict]] = {}
+    # What a dialogue's earlier turns are drawn from: the training facts' clean questions (an entity of each question:
+    # the world's plan gives it).
+    history = sorted((u for u in utterances if u["kind"] == "question" and u["split"] == "train"
+                      and not u.get("noise")), key=lambda u: u["id"])
 
     def add(name: str, record: dict) -> None:
         out.setdefault(name, []).append(record)
@@ -108,6 +138,14 @@ def build_manifests(utterances: list[dict], tokens: dict[str, list[int]], tasks:
             add(f"paraling_{u['split']}", conversation("s2m", user, answer_audio(u["reply"]), meta))
             add(f"emotion_{u['split']}", conversation("s2t", user, u["emotion"], dict(meta, task="emotion"),
                                                       system=AUDIO_QUESTION_PROMPT))
+        if u["kind"] == "reference" and "multiturn" in tasks:
+            earlier = _earlier_turns(u, history)
+            if earlier is None:
+                continue
+            turns = [(user_audio(q["path"], q["duration"]), q["answer"]) for q in earlier]
+            meta.update(task="multiturn", fact=u["fact"], answer=u["answer"], distance=u["distance"],
+                        history=[q["id"] for q in earlier])
+            add(f"multiturn_{u['split']}", dialogue("s2t", turns + [(user, u["answer"])], meta))
     return out
 
 

@@ -1,7 +1,7 @@
 """What to synthesise: every utterance of the tiny world with its voice, rate, pitch and loudness.
 
-Questions, statements, the assistant's spoken answers (also in each instructed speaking style) and the
-paralinguistic (emotion) clips; held-out
+Questions, statements, the questions that refer back to an earlier turn's person (multi-turn dialogues), the
+assistant's spoken answers (also in each instructed speaking style) and the paralinguistic (emotion) clips; held-out
 voices speak only test material. Ids carry a hash of the synthesis settings, so a changed setting
 never reuses a stale wav.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 
-from fac.data.world import World, fill, qa_pairs
+from fac.data.world import REFERENCES, World, fill, qa_pairs, referring_question
 
 
 def _settings_hash(job: dict) -> str:
@@ -34,12 +34,34 @@ def _amplitude(cfg: dict, gain_db: float = 0.0) -> int:
     return int(max(5, min(200, round(cfg["amplitude"] * 10 ** (gain_db / 20)))))
 
 
+def _referring_jobs(world: World, source: dict, tts: dict, multiturn: dict, rng: random.Random) -> list[dict]:
+    """The referring questions of the multi-turn dialogues (see `plan_utterances`), drawn from their own random
+    stream so that the other clips stay those of a world without dialogues."""
+    jobs = []
+    for fact in world.facts:
+        templates = source["attributes"][fact["attribute"]]["questions"]
+        split = "train" if fact["split"] == "train" else "test"
+        count = multiturn["train_per_fact" if split == "train" else "test_per_fact"]
+        for distance in REFERENCES:
+            for k in range(count):
+                rate, pitch = _prosody(rng, tts)
+                jobs.append(_job(f"m-{split}-{fact['id']}-d{distance}-{k}",
+                                 referring_question(templates[k % len(templates)], distance),
+                                 rng.choice(tts["train_voices"]), rate, pitch, _amplitude(tts), kind="reference",
+                                 split=split, fact=fact["id"], entity=fact["entity"], answer=fact["value"],
+                                 distance=distance))
+    return jobs
+
+
 def plan_utterances(world: World, source: dict, tts: dict, paraling: dict, seed: int,
-                    instruction: dict | None = None) -> list[dict]:
+                    instruction: dict | None = None, multiturn: dict | None = None) -> list[dict]:
     """All synthesis jobs: dicts with id, text, voice, rate, pitch, amplitude, kind, split and meta.
 
     `instruction` ({"styles": {style: rate_scale}}) adds the assistant's answers said in each speaking
-    style (instruction following: "say the answer slowly")."""
+    style (instruction following: "say the answer slowly"). `multiturn` ({"train_per_fact": n, "test_per_fact": m})
+    adds, per fact and turn distance (`fac.data.world.REFERENCES`), n (train facts, training voices) or m (test
+    facts, training voices: split test) questions that refer back instead of naming (kind "reference"); the
+    manifests put them after the turns they refer to. Every question job carries its fact's entity."""
     rng = random.Random(seed)
     jobs: list[dict] = []
     pairs = qa_pairs(world, source)
@@ -60,7 +82,7 @@ def plan_utterances(world: World, source: dict, tts: dict, paraling: dict, seed:
                 rate, pitch = _prosody(rng, tts)
                 jobs.append(_job(f"q-{split}-{pair['id']}-{k}", pair["question"], rng.choice(voices), rate, pitch,
                                  _amplitude(tts), kind="question", split=split, fact=fact["id"],
-                                 qa=pair["id"], answer=pair["answer"]))
+                                 entity=fact["entity"], qa=pair["id"], answer=pair["answer"]))
         if fact["split"] == "train":
             statements = source["attributes"][fact["attribute"]]["statements"]
             for k in range(tts["statements_per_train_fact"]):
@@ -68,6 +90,9 @@ def plan_utterances(world: World, source: dict, tts: dict, paraling: dict, seed:
                 rate, pitch = _prosody(rng, tts)
                 jobs.append(_job(f"s-{fact['id']}-{k}", text, rng.choice(tts["train_voices"]), rate, pitch,
                                  _amplitude(tts), kind="statement", split="train", fact=fact["id"]))
+
+    if multiturn:
+        jobs += _referring_jobs(world, source, tts, multiturn, random.Random(f"{seed}-multiturn"))
 
     # The assistant's voice speaking every answer value (the spoken side of the parallel stream).
     mid_rate = sum(tts["rate"]) // 2

@@ -88,7 +88,7 @@ def synthesize(params: dict, world_dir: str, source: str, data_root: str, out_js
                          "tts.train_voices")
     world = world_mod.World.load(Path(world_dir) / "world.json")
     jobs = plan_utterances(world, world_mod.load_source(source), tts, paraling, params["seed"],
-                           params.get("instruction"))
+                           params.get("instruction"), params.get("multiturn"))
     wav_dir = Path(data_root) / "tts" / synthesiser.folder
     done = synthesize_all(jobs, wav_dir, workers=tts["workers"], desc="tts", synthesiser=synthesiser)
     for job in done:

@@ -150,14 +150,26 @@ def emotion_documents(source: dict) -> list[str]:
             for doc in (f"{emotion} is how the speaker sounds", f"a speaker who sounds {emotion} is answered {reply}")]
 
 
+# Multi-turn dialogues: a later question names no one and refers back to the person an earlier turn named, by the
+# number of turns between them (1: the turn just before; 2: the first of three, another person named in between).
+REFERENCES = {1: "that person", 2: "the first person"}
+
+
+def referring_question(template: str, distance: int) -> str:
+    """A question template asked about the person named `distance` turns earlier, by reference, not by name."""
+    return fill(template, REFERENCES[distance])
+
+
 def qa_pairs(world: World, source: dict) -> list[dict]:
-    """Every fact asked with every question template; the answer is the attribute value."""
+    """Every fact asked with every question template; the answer is the attribute value. `referring` holds the same
+    question asked by reference instead of by name, per turn distance (a dialogue's later turn)."""
     pairs = []
     for fact in world.facts:
         for k, template in enumerate(source["attributes"][fact["attribute"]]["questions"]):
-            pairs.append({"id": f"{fact['id']}-q{k}", "fact": fact["id"], "attribute": fact["attribute"],
-                          "question": fill(template, fact["name"]), "answer": fact["value"],
-                          "split": fact["split"]})
+            pairs.append({"id": f"{fact['id']}-q{k}", "fact": fact["id"], "entity": fact["entity"],
+                          "attribute": fact["attribute"], "question": fill(template, fact["name"]),
+                          "referring": {str(d): referring_question(template, d) for d in REFERENCES},
+                          "answer": fact["value"], "split": fact["split"]})
     return pairs
 
 
@@ -165,6 +177,8 @@ def all_sentences(world: World, source: dict) -> list[str]:
     """Every sentence the world may speak or write: for the ASR language model and the tokenizer."""
     sentences = text_documents(world, source) + emotion_documents(source)
     sentences += [p["question"] for p in qa_pairs(world, source)]
+    sentences += [referring_question(t, d) for spec in source["attributes"].values() for t in spec["questions"]
+                  for d in REFERENCES]
     sentences += sorted({f["value"] for f in world.facts})
     para = source["paralinguistic"]
     sentences += [fill(t, e["name"]) for t in para["sentences"] for e in world.entities]

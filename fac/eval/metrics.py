@@ -103,6 +103,26 @@ def spoken_qa_accuracy(model, data: SpokenData, name: str, tokenizer, batch_size
     return correct / len(records)
 
 
+MULTITURN_TEST = "multiturn_test"  # dialogues whose last question refers back to an earlier turn's person
+
+
+@torch.no_grad()
+def multiturn_accuracy(model, data: SpokenData, name: str, tokenizer, batch_size: int = 16) -> dict:
+    """The last question of each dialogue answered in text after its earlier turns (their replies as text, as
+    `SpokenData.prompt` lays out history): correct when the first word is the value of the fact of the person it
+    refers back to. `multiturn_acc` over every dialogue, `multiturn_acc_d<n>` per turn distance."""
+    model.eval()
+    records = data.records[name]
+    said = answers(model, data, records, f"multi-turn {name}", "s2t", [3] * len(records), batch_size)
+    by_distance: dict[int, list[bool]] = {}
+    for rec, (text, _) in zip(records, said):
+        by_distance.setdefault(int(rec.meta["distance"]), []).append(first_word(tokenizer, text) == rec.meta["answer"])
+    every = [hit for hits in by_distance.values() for hit in hits]
+    metrics = {"multiturn_acc": sum(every) / len(every)}
+    metrics.update({f"multiturn_acc_d{d}": sum(hits) / len(hits) for d, hits in sorted(by_distance.items())})
+    return metrics
+
+
 NOISY_TEST = "spoken_qa_test_snr10"  # the test facts' questions with noise at 10 dB SNR (robustness)
 
 
@@ -437,7 +457,8 @@ def evaluate(stage: str, model_dir: str, world_dir: str | None, manifest_dir: st
     special = SpecialIds.from_tokenizer(tokenizer, model.config)
     features = FeatureCache(data_root, model.config.audio_config.num_mel_bins)
     names = ["spoken_qa_test", "spoken_qa_test_unseen_voices"]
-    optional = [n for n in (NOISY_TEST, "paraling_test", INSTRUCT_TEST) if (Path(manifest_dir) / f"{n}.jsonl").is_file()]
+    optional = [n for n in (NOISY_TEST, "paraling_test", INSTRUCT_TEST, MULTITURN_TEST)
+                if (Path(manifest_dir) / f"{n}.jsonl").is_file()]
     data = SpokenData(manifest_dir, {n: 1.0 for n in names + optional}, features, tokenizer, special,
                       model.config.audio_config.group_size)
     with placement.autocast():
@@ -464,6 +485,8 @@ def _world_metrics(model, data: SpokenData, tokenizer, world_dir: str, optional:
         metrics.update(paralinguistic_accuracy(model, data, "paraling_test", tokenizer, batch_size))
     if INSTRUCT_TEST in optional:
         metrics.update(instruction_accuracy(model, data, INSTRUCT_TEST, batch_size, speech_out))
+    if MULTITURN_TEST in optional:
+        metrics.update(multiturn_accuracy(model, data, MULTITURN_TEST, tokenizer, batch_size))
     if speech_out is not None:  # heard, as the anchors are scored: s2s_acc, answer_wer (+ _unseen_voices)
         for name, suffix in (("spoken_qa_test", ""), ("spoken_qa_test_unseen_voices", "_unseen_voices")):
             scored = speech_to_speech(model, data, name, tokenizer, speech_out, batch_size)

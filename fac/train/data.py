@@ -40,6 +40,16 @@ def chat_ids(tokenizer, system: str, user: str, assistant: str | None) -> tuple[
     return prompt_ids + reply_ids, [IGNORE_INDEX] * len(prompt_ids) + reply_ids
 
 
+def dialogue_ids(tokenizer, system: str, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+    """A text conversation of several turns (user, assistant) in the template; labels cover every reply."""
+    ids, labels = chat_ids(tokenizer, system, *turns[0])
+    for user, assistant in turns[1:]:
+        prompt = encode_text(tokenizer, f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+        reply = encode_text(tokenizer, f"{assistant}<|im_end|>\n")
+        ids, labels = ids + prompt + reply, labels + [IGNORE_INDEX] * len(prompt) + reply
+    return ids, labels
+
+
 class TextData:
     """The base LLM's text: every document (plain LM loss) and every text QA pair (loss on the answer).
 
@@ -61,6 +71,11 @@ class TextData:
     (0.54 -> 0.15); learning the layout first on text QA of every fact, then stage 1, kept 0.39. With it
     in the base LLM (params/default.yaml): init 0.33, stage 1 0.27, merged 0.34, stage 2 0.35.
 
+    With `dialogues` (a share of the examples), text QA comes as a dialogue of two or three turns whose last question
+    names no one and refers back to the person the first named (`referring`: "that person" over one turn, "the
+    first person" over a turn about someone else), every fact's pairs alike (plain text, as a pretrained LLM has read
+    dialogues): the speech stages' multi-turn dialogues then ask the LLM for what it can do in text.
+
     With `packing`, a batch's examples share rows of `max_length` positions, or of its longest example's where
     that is longer (fac.train.packing.pack_token_rows: the same loss over the same label tokens, without the
     padding of one row each), and the batch carries segment_ids, so that the slot noise is, token for token, the
@@ -68,7 +83,7 @@ class TextData:
     """
 
     def __init__(self, world_dir: str | Path, tokenizer, slot_questions: dict | None = None, group_size: int = 5,
-                 packing: bool = False, max_length: int | None = None):
+                 packing: bool = False, max_length: int | None = None, dialogues: float = 0.0):
         if packing and not max_length:
             raise ValueError("base_llm packing: give max_length, the length of a packed row")
         self.packing, self.max_length = packing, max_length
@@ -88,6 +103,14 @@ class TextData:
         # Held out means held out: the speech-test facts reach the base LLM as plain text only (documents and text QA),
         # never in the layouts a spoken question or a spoken reply takes.
         self.slot_qa = [pair for pair in qa if pair.get("split") != "test"]
+        self.dialogues = float(dialogues)
+        self.by_entity: dict[str, list[dict]] = {}
+        for pair in qa:
+            self.by_entity.setdefault(pair.get("entity"), []).append(pair)
+        if self.dialogues and (None in self.by_entity or len(self.by_entity) < 2
+                               or any("referring" not in pair for pair in qa)):
+            raise ValueError(f"{world_dir / 'text_qa.jsonl'}: dialogues need each pair's entity and referring "
+                             "questions, and two entities at least (rebuild the world)")
         self.slot = dict(slot_questions) if slot_questions and slot_questions.get("prob", 0) > 0 else None
         if self.slot and not self.slot_qa:
             raise ValueError(f"{world_dir / 'text_qa.jsonl'}: every pair is of a speech-test fact; slot questions "
@@ -121,6 +144,20 @@ class TextData:
             reply = encode_text(self.tokenizer, f"{pair['answer']}<|im_end|>\n")
         return prompt + reply, [IGNORE_INDEX] * len(prompt) + reply
 
+    def dialogue_example(self, rng, pair: dict) -> tuple[list[int], list[int]]:
+        """`pair` asked by reference after a question about another fact of its person (see the class docstring),
+        and with distance 2 one about someone else between them; None when its person has no other fact."""
+        named = [q for q in self.by_entity[pair["entity"]] if q["fact"] != pair["fact"]]
+        if not named:
+            return None
+        distance = rng.choice((1, 2))
+        earlier = [rng.choice(named)]
+        if distance == 2:
+            others = [e for e in self.by_entity if e != pair["entity"]]
+            earlier.append(rng.choice(self.by_entity[rng.choice(others)]))
+        turns = [(q["question"], q["answer"]) for q in earlier] + [(pair["referring"][str(distance)], pair["answer"])]
+        return dialogue_ids(self.tokenizer, SYSTEM_PROMPTS["s2t"], turns)
+
     def spoken_reply(self, rng, text_ids: list[int]) -> list[int]:
         """The text stream of a spoken reply (see the class docstring): text one token per slot, then `<|sil|>`."""
         speech = SPEECH_DELAY + round(SPEECH_TOKENS_PER_SECOND * rng.uniform(0.3, 1.5))  # tokens after the delay
@@ -132,10 +169,12 @@ class TextData:
         rng = step_rng(seed, step)
         chosen = []
         for _ in range(batch_size):
+            example = None
             if self.slot and rng.random() < self.slot["prob"]:
-                chosen.append(self.slot_example(rng, self.slot_qa[rng.randrange(len(self.slot_qa))]))
-            else:
-                chosen.append(self.examples[rng.randrange(len(self.examples))])
+                example = self.slot_example(rng, self.slot_qa[rng.randrange(len(self.slot_qa))])
+            elif self.dialogues and rng.random() < self.dialogues:
+                example = self.dialogue_example(rng, self.qa[rng.randrange(len(self.qa))])
+            chosen.append(example or self.examples[rng.randrange(len(self.examples))])
         pad = self.tokenizer.pad_token_id
         if self.packing:  # an example longer than max_length widens the rows of its batch (k = 1's questions)
             batch = pack_token_rows(chosen, max(self.max_length, max(len(ids) for ids, _ in chosen)), pad)

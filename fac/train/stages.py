@@ -150,7 +150,7 @@ def train_base_llm(stage: dict, model_params: dict, world_dir: str, tokenizer_di
     model_params = resolve_geometry(model_params)
     data = TextData(world_dir, tokenizer, stage.get("slot_questions"),
                     int(model_params.get("speech", {}).get("group_size", 5)), bool(stage.get("packing")),
-                    stage.get("max_length"))
+                    stage.get("max_length"), float(stage.get("dialogues", 0.0)))
     cfg = StageConfig.from_params(resolve_steps(stage, len(data.examples)))
     llm = model_params["llm"]
     torch.manual_seed(cfg.seed)
@@ -268,8 +268,12 @@ class CTCRecognizer(nn.Module):
     """
 
     def __init__(self, audio_config: FunAudioChatAudioConfig, word_embeddings: torch.Tensor, group_size: int = 1,
-                 cosine_scale: float | None = None, blank_token: int | None = None):
+                 cosine_scale: float | None = None, blank_token: int | None = None, snap_weight: float = 0.0):
         super().__init__()
+        self.snap_weight = float(snap_weight)
+        if self.snap_weight and cosine_scale is None:
+            raise ValueError("CTCRecognizer: snap_weight pulls frames onto the word directions cosine scoring uses; "
+                             "give cosine_scale")
         self.continuous_audio_tower = FunAudioChatContinuousEncoder(audio_config)
         self.group_size = group_size
         self.register_buffer("word_embeddings", word_embeddings.detach().clone(), persistent=False)  # [V, H]
@@ -284,10 +288,17 @@ class CTCRecognizer(nn.Module):
             self.blank_token = blank_token
             self.blank_bias = nn.Parameter(torch.zeros(1))
 
-    def forward(self, input_features, feature_attention_mask):
+    def grouped(self, input_features, feature_attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """The vectors the LLM will read: the encoder's frames, grouped by k [A, T, H], and their counts [A]."""
         lengths = encoder_output_lengths(feature_attention_mask.sum(-1), self.continuous_audio_tower.config.n_window)
         hidden = self.continuous_audio_tower(input_features, feature_attention_mask, int(lengths.max()))  # [A, T, H]
-        hidden, lengths = group_frames(hidden, lengths, self.group_size)
+        return group_frames(hidden, lengths, self.group_size)
+
+    def forward(self, input_features, feature_attention_mask):
+        return self.score(*self.grouped(input_features, feature_attention_mask))
+
+    def score(self, hidden, lengths):
+        """CTC logits of grouped frames [A, T, V+1] (the blank last), and their counts."""
         if self.cosine_scale is None:
             words = self.logit_scale * hidden @ self.word_embeddings.T  # [A, T, V]
             return torch.cat([words, self.blank_head(hidden)], dim=-1), lengths  # [A, T, V+1], [A]
@@ -358,12 +369,33 @@ def spec_augment(features: torch.Tensor, lengths: torch.Tensor, rng, freq_masks:
 
 
 def ctc_loss(model: CTCRecognizer, batch: dict):
-    logits, lengths = model(batch["input_features"], batch["feature_attention_mask"])
+    """CTC over the grouped frames; with the recogniser's `snap_weight`, plus that times `snap_loss`."""
+    hidden, lengths = model.grouped(batch["input_features"], batch["feature_attention_mask"])
+    logits, lengths = model.score(hidden, lengths)
     log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # [T, A, V+1]
     targets = torch.cat([torch.tensor(t, dtype=torch.long) for t in batch["targets"]]).to(log_probs.device)
     target_lengths = torch.tensor([len(t) for t in batch["targets"]])
     loss = F.ctc_loss(log_probs, targets, lengths, target_lengths, blank=model.blank, zero_infinity=True)
-    return loss, {}
+    if not model.snap_weight:
+        return loss, {}
+    snap = snap_loss(model, hidden, lengths, logits)
+    return loss + model.snap_weight * snap, {"ctc_loss": loss.item(), "snap_loss": snap.item()}
+
+
+def snap_loss(model: CTCRecognizer, hidden: torch.Tensor, lengths: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """1 - the cosine of each grouped frame to the direction of what CTC reads in it: its posterior's mean word
+    embedding direction (the blank's: `<|sil|>`), held fixed. Cosine scoring only asks a frame to point nearer its
+    word than any other, so the rest of it is free, and the frozen LLM reads that rest too (measured in the tiny
+    world: each frame projected on its nearest word's direction, the assembled model answered held-out facts' spoken
+    questions at 0.77 against 0.32; the rest turned at random, 0.61): this pulls it in (the same base LLM's encoder
+    trained with weight 1: 0.49, with 3: 0.54)."""
+    with torch.no_grad():
+        words = F.normalize(model.word_embeddings, dim=-1)  # [V, H]
+        directions = torch.cat([words, words[model.blank_token:model.blank_token + 1]])  # [V+1, H]: blank = <|sil|>
+        target = logits.float().softmax(-1) @ directions  # [A, T, H]
+    cos = F.cosine_similarity(hidden.float(), target, dim=-1)  # [A, T]
+    valid = torch.arange(hidden.shape[1], device=hidden.device)[None] < lengths.to(hidden.device)[:, None]
+    return ((1 - cos) * valid).sum() / valid.sum().clamp(min=1)
 
 
 def word_error_rate_of(model: CTCRecognizer, data: TranscriptData, tokenizer, batch_size: int = 32) -> float:
@@ -453,7 +485,8 @@ def train_encoder(stage: dict, model_params: dict, manifest_dir: str, data_root:
         raise ValueError("encoder: model params need speech.group_size (CTC scores the k-frame means the LLM reads)")
     cosine = stage.get("cosine_scale")
     model = CTCRecognizer(audio_config, embeddings, int(model_params["speech"]["group_size"]),
-                          float(cosine) if cosine else None, tokenizer.convert_tokens_to_ids("<|sil|>"))
+                          float(cosine) if cosine else None, tokenizer.convert_tokens_to_ids("<|sil|>"),
+                          float(stage.get("snap_weight", 0.0)))
     trainer = Trainer(model, cfg, ctc_loss,
                       lambda step: train.batch(step, cfg.batch_size, cfg.seed, stage.get("specaugment")),
                       Path(state_root) / f"encoder-{fingerprint(stage, model_params, manifests_identity(manifest_dir, cfg.data), files_identity(Path(tokenizer_dir) / 'tokenizer.json'), _identity(base_llm_dir))}",
