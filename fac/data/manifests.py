@@ -66,15 +66,14 @@ def dialogue(mode: str, turns: list[tuple[dict, str]], meta: dict) -> dict:
 def _earlier_turns(u: dict, questions: list[dict]) -> list[dict] | None:
     """The turns a referring question `u` comes after: a training question about another fact of its person, and
     with distance 2 then one about someone else; drawn by a hash of its id among the kept clips of the training
-    facts (a test fact's value never enters a training dialogue). None when its person has no other such fact."""
+    facts (a test fact's value never enters a training dialogue). None when its person has no other such fact (or,
+    at distance 2, there is no one else)."""
     rng = random.Random(zlib.crc32(u["id"].encode()))
     named = [q for q in questions if q["entity"] == u["entity"] and q["fact"] != u["fact"]]
-    if not named:
+    others = [q for q in questions if q["entity"] != u["entity"]]
+    if not named or (u["distance"] == 2 and not others):
         return None
-    turns = [rng.choice(named)]
-    if u["distance"] == 2:
-        turns.append(rng.choice([q for q in questions if q["entity"] != u["entity"]]))
-    return turns
+    return [rng.choice(named)] + ([rng.choice(others)] if u["distance"] == 2 else [])
 
 
 def build_manifests(utterances: list[dict], tokens: dict[str, list[int]], tasks: list[str]) -> dict[str, list[dict]]:
