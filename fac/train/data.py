@@ -144,7 +144,7 @@ class TextData:
             reply = encode_text(self.tokenizer, f"{pair['answer']}<|im_end|>\n")
         return prompt + reply, [IGNORE_INDEX] * len(prompt) + reply
 
-    def dialogue_example(self, rng, pair: dict) -> tuple[list[int], list[int]]:
+    def dialogue_example(self, rng, pair: dict) -> tuple[list[int], list[int]] | None:
         """`pair` asked by reference after a question about another fact of its person (see the class docstring),
         and with distance 2 one about someone else between them; None when its person has no other fact."""
         named = [q for q in self.by_entity[pair["entity"]] if q["fact"] != pair["fact"]]
