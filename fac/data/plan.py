@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 
-from fac.data.world import REFERENCES, World, fill, qa_pairs, referring_question
+from fac.data.world import REFERENCES, World, fill, qa_pairs
 
 
 def _settings_hash(job: dict) -> str:
@@ -34,19 +34,20 @@ def _amplitude(cfg: dict, gain_db: float = 0.0) -> int:
     return int(max(5, min(200, round(cfg["amplitude"] * 10 ** (gain_db / 20)))))
 
 
-def _referring_jobs(world: World, source: dict, tts: dict, multiturn: dict, rng: random.Random) -> list[dict]:
+def _referring_jobs(world: World, by_fact: dict[str, list[dict]], tts: dict, multiturn: dict,
+                    rng: random.Random) -> list[dict]:
     """The referring questions of the multi-turn dialogues (see `plan_utterances`), drawn from their own random
     stream so that the other clips stay those of a world without dialogues."""
     jobs = []
     for fact in world.facts:
-        templates = source["attributes"][fact["attribute"]]["questions"]
+        pairs = by_fact[fact["id"]]  # its questions, each with its referring forms (fac.data.world.qa_pairs)
         split = "train" if fact["split"] == "train" else "test"
         count = multiturn["train_per_fact" if split == "train" else "test_per_fact"]
         for distance in REFERENCES:
             for k in range(count):
                 rate, pitch = _prosody(rng, tts)
                 jobs.append(_job(f"m-{split}-{fact['id']}-d{distance}-{k}",
-                                 referring_question(templates[k % len(templates)], distance),
+                                 pairs[k % len(pairs)]["referring"][str(distance)],
                                  rng.choice(tts["train_voices"]), rate, pitch, _amplitude(tts), kind="reference",
                                  split=split, fact=fact["id"], entity=fact["entity"], answer=fact["value"],
                                  distance=distance))
@@ -92,7 +93,7 @@ def plan_utterances(world: World, source: dict, tts: dict, paraling: dict, seed:
                                  _amplitude(tts), kind="statement", split="train", fact=fact["id"]))
 
     if multiturn:
-        jobs += _referring_jobs(world, source, tts, multiturn, random.Random(f"{seed}-multiturn"))
+        jobs += _referring_jobs(world, by_fact, tts, multiturn, random.Random(f"{seed}-multiturn"))
 
     # The assistant's voice speaking every answer value (the spoken side of the parallel stream).
     mid_rate = sum(tts["rate"]) // 2
